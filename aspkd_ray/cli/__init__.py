@@ -1,0 +1,1 @@
+"""The `aspkd` command line."""

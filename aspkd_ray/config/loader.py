@@ -1,0 +1,225 @@
+"""Load YAML + `--set` overrides into a validated `Config`.
+
+Errors name the dotted key, the value given and what is accepted, scikit-learn style.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from aspkd_ray.config.schema import Config
+
+
+class ConfigError(ValueError):
+    """A configuration key or value is wrong; the message says which and how to fix it."""
+
+
+def _type_name(tp: Any) -> str:
+    if tp is type(None):
+        return "null"
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        (arg,) = typing.get_args(tp)
+        return f"list of {_type_name(arg)}"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Return `value` as type `tp`, or raise ConfigError naming `key`."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(key, value, arg)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{key}: got {value!r} ({type(value).__name__}); expected "
+                          f"{_type_name(tp)}.")
+    if origin is list:
+        (arg,) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: got {value!r}; expected a list of {_type_name(arg)}, "
+                              f"e.g. [a, b].")
+        return [_coerce(f"{key}[{i}]", v, arg) for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: got {value!r}; expected true or false.")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{key}: got {value!r}; expected an integer.")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key}: got {value!r}; expected a number.")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key}: got {value!r} ({type(value).__name__}); expected a string.")
+    if tp is type(None):
+        if value is None:
+            return None
+        raise ConfigError(f"{key}: got {value!r}; expected null.")
+    raise ConfigError(f"{key}: unsupported type {tp!r}")  # schema bug, not user error
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: got {data!r}; expected a mapping "
+                          f"of keys to values.")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(f"unknown key {prefix}{unknown[0]!s}; accepted keys under "
+                          f"{prefix.rstrip('.') or 'the top level'}: {', '.join(sorted(fields))}.")
+    kwargs = {}
+    for name, value in data.items():
+        key = prefix + name
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, value if value is not None else {}, key + ".")
+            continue
+        value = _coerce(key, value, tp)
+        meta = fields[name].metadata
+        choices = meta.get("choices")
+        if choices is not None and value not in choices:
+            shown = ", ".join("null" if c is None else str(c) for c in choices)
+            raise ConfigError(f"{key}: got {value!r}; expected one of: {shown}.")
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            lo, hi, gt = meta.get("min"), meta.get("max"), meta.get("gt")
+            if lo is not None and value < lo:
+                raise ConfigError(f"{key}: got {value!r}; expected a value >= {lo}.")
+            if hi is not None and value > hi:
+                raise ConfigError(f"{key}: got {value!r}; expected a value <= {hi}.")
+            if gt is not None and value <= gt:
+                raise ConfigError(f"{key}: got {value!r}; expected a value > {gt}.")
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = data
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {dotted}: {part} is a value, not a section.")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Parse 'dotted.key=value'; the value is read as YAML (so 3, 0.1, true, [a, b] work)."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected dotted.key=value, e.g. aspkd.sigma=17.")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"--set {text!r}: the key is empty; expected dotted.key=value.")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {text!r}: the value is not valid YAML ({exc}).") from None
+    return key, value
+
+
+def _cross_validate(cfg: Config) -> None:
+    for i, tpl in enumerate(cfg.generator.templates):
+        if "{class}" not in tpl:
+            raise ConfigError(f"generator.templates[{i}]: got {tpl!r}; every template must "
+                              f"contain '{{class}}', e.g. 'A photo of a {{class}}'.")
+    if not cfg.generator.templates:
+        raise ConfigError("generator.templates: got an empty list; give at least one template.")
+    if cfg.proxy.per_class is None and cfg.proxy.total is None:
+        raise ConfigError("proxy: set proxy.per_class or proxy.total (both are null).")
+    if cfg.budget.calls_per_class is None and cfg.budget.total is None:
+        raise ConfigError("budget: set budget.calls_per_class or budget.total (both are null).")
+    if cfg.generator.kind == "plugin" and not cfg.generator.plugin:
+        raise ConfigError("generator.plugin: required when generator.kind is 'plugin'; "
+                          "expected 'package.module:factory'.")
+    if cfg.generator.kind == "diffusers" and not cfg.generator.model:
+        raise ConfigError("generator.model: required when generator.kind is 'diffusers'; "
+                          "expected a hub id or a local pipeline folder.")
+    if cfg.victim.protocol == "v2" and cfg.victim.endpoint and not cfg.victim.model_name:
+        raise ConfigError("victim.model_name: required for the v2 protocol; expected the "
+                          "model name the inference server exposes.")
+    if cfg.training.early_stopping == "bought_val" and cfg.training.bought_val_per_class < 1:
+        raise ConfigError("training.bought_val_per_class: got 0 with early_stopping="
+                          "bought_val; expected >= 1 (these calls are charged to the budget).")
+
+
+def from_dict(data: dict[str, Any] | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Build a validated Config from a plain dict and `dotted.key=value` overrides."""
+    data = json.loads(json.dumps(data or {}))  # deep copy, plain types
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_dotted(data, key, value)
+    cfg = _build(Config, data, "")
+    _cross_validate(cfg)
+    return cfg
+
+
+def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
+         output_dir: str | None = None) -> Config:
+    """Load a YAML config (or the defaults when `path` is None) with overrides applied."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"--config {path}: no such file. Configs live in tune_configs/, "
+                              f"e.g. tune_configs/digits.yaml.")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--config {path}: not valid YAML ({exc}).") from None
+    extra = list(overrides)
+    if output_dir is not None:
+        extra.append(f"output_dir={json.dumps(output_dir)}")
+    return from_dict(data, extra)
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def config_hash(section: Any) -> str:
+    """Stable short hash of a config (section), e.g. to tie artifacts to their settings."""
+    blob = json.dumps(dataclasses.asdict(section) if dataclasses.is_dataclass(section)
+                      else section, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def flatten(cfg: Config) -> dict[str, Any]:
+    """Dotted keys → values, for MLflow params."""
+    out: dict[str, Any] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        for k, v in node.items():
+            if isinstance(v, dict):
+                walk(v, f"{prefix}{k}.")
+            else:
+                out[prefix + k] = v
+
+    walk(to_dict(cfg), "")
+    return out

@@ -1,0 +1,172 @@
+"""The typed configuration of one aspkd-ray job.
+
+Every section is a dataclass; `aspkd_ray.config.load` builds them from YAML plus
+`--set dotted.key=value` overrides and validates every value up front, so a bad key or value
+fails before any Ray work starts. Key names are part of the public contract (configs in
+`tune_configs/`, Tune search spaces and checks rely on them).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+# Field metadata keys understood by the loader.
+#   choices: the accepted values
+#   min / max: inclusive numeric bounds; gt: strict lower bound
+CHOICES = "choices"
+
+
+def _f(default: Any = None, *, choices: tuple | None = None, min: float | None = None,
+       max: float | None = None, gt: float | None = None, doc: str = "") -> Any:
+    meta = {"choices": choices, "min": min, "max": max, "gt": gt, "doc": doc}
+    if isinstance(default, (list, dict)):
+        value = default
+        return field(default_factory=lambda: type(value)(value), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class DatasetConfig:
+    name: str = _f("digits", choices=("digits", "digits-xdomain", "cifar10", "food101",
+                                      "ferplus", "imagefolder"),
+                   doc="the victim's data set; its test split measures agreement")
+    root: str | None = _f(None, doc="folder with the data set files (real data sets)")
+    image_size: int | None = _f(None, min=4, doc="victim input size; None = data set default")
+    channels: int | None = _f(None, choices=(1, 3), doc="None = data set default")
+    download: bool = _f(False, doc="let torchvision download the data set when missing")
+
+
+@dataclass
+class TrainingConfig:
+    optimizer: str = _f("adam", choices=("adam", "adamw", "sgd"))
+    lr: float = _f(1e-3, gt=0.0)
+    weight_decay: float = _f(0.0, min=0.0)
+    step_size: int = _f(20, min=1, doc="StepLR step, in epochs")
+    gamma: float = _f(0.95, gt=0.0, max=1.0, doc="StepLR decay")
+    max_epochs: int = _f(100, min=1)
+    patience: int = _f(10, min=1, doc="early stopping: epochs without improvement")
+    batch_size: int = _f(64, min=1)
+    augment: bool = _f(True, doc="data set specific augmentation (never flips digits)")
+    early_stopping: str = _f("generation_val", choices=("generation_val", "bought_val", "none"),
+                             doc="signal for early stopping: accuracy against generation "
+                                 "classes on the proxy validation split, or agreement on a "
+                                 "bought (counted) teacher-labelled validation subset")
+    bought_val_per_class: int = _f(0, min=0, doc="calls per class spent on bought_val")
+
+
+@dataclass
+class VictimConfig:
+    architecture: str = _f("digits_cnn", doc="model zoo name (aspkd info lists them)")
+    checkpoint: str | None = _f(None, doc="victim weights; None = <cache_dir>/<dataset>/victim")
+    output: str = _f("soft", choices=("soft", "hard"), doc="what the black box returns")
+    endpoint: str | None = _f(None, doc="HTTP URL of a served victim instead of a checkpoint")
+    protocol: str = _f("mlflow", choices=("mlflow", "v2"),
+                       doc="HTTP protocol: MLflow scoring or Open Inference Protocol v2")
+    model_name: str | None = _f(None, doc="model name for the v2 protocol")
+    timeout_s: float = _f(30.0, gt=0.0)
+    max_retries: int = _f(3, min=0)
+    rate_limit_per_s: float | None = _f(None, gt=0.0, doc="max HTTP requests per second")
+    auth_env: str | None = _f(None, doc="environment variable holding a bearer token")
+    batch_size: int = _f(256, min=1, doc="samples per victim call")
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+
+
+@dataclass
+class GeneratorTrainingConfig:
+    steps: int = _f(1500, min=1)
+    batch_size: int = _f(128, min=1)
+    lr: float = _f(1e-3, gt=0.0)
+    block_channels: list[int] = _f([32, 64, 64])
+    checkpoint_every: int = _f(250, min=1)
+
+
+@dataclass
+class GeneratorConfig:
+    kind: str = _f("ddpm", choices=("ddpm", "diffusers", "plugin"),
+                   doc="ddpm: small class-conditional model trained here; diffusers: any "
+                       "text-to-image pipeline by hub id or path; plugin: module:callable")
+    model: str | None = _f(None, doc="hub id or local path; None for ddpm = "
+                                     "<cache_dir>/<dataset>/generator")
+    plugin: str | None = _f(None, doc="'package.module:factory' for kind=plugin")
+    templates: list[str] = _f(["An image of a {class}", "A photo of a {class}"])
+    scheduler: str = _f("ddim", choices=("ddim", "ddpm", "dpm", "euler", "default"))
+    steps: int = _f(25, min=1)
+    guidance_scale: float = _f(7.5, min=0.0)
+    resolution: int = _f(16, min=4, doc="generation size; images are resized to the victim's")
+    dtype: str = _f("float32", choices=("float32", "float16", "bfloat16"))
+    batch_size: int = _f(64, min=1)
+    training: GeneratorTrainingConfig = field(default_factory=GeneratorTrainingConfig)
+
+
+@dataclass
+class ProxyConfig:
+    per_class: int | None = _f(300, min=1, doc="images per class (or set total)")
+    total: int | None = _f(None, min=1)
+    balanced: bool = _f(True, doc="exact per-class balance instead of uniform class draws")
+    val_fraction: float = _f(0.15, min=0.0, max=0.9)
+
+
+@dataclass
+class StudentConfig:
+    architecture: str = _f("digits_cnn_small")
+    init_checkpoint: str | None = _f(None, doc="e.g. a Tiny ImageNet pre-trained student")
+
+
+@dataclass
+class BudgetConfig:
+    calls_per_class: int | None = _f(8, min=0)
+    total: int | None = _f(None, min=0, doc="total calls n; overrides calls_per_class")
+    per_trial: int | None = _f(None, min=0, doc="optional cap per Tune trial")
+    ledger: str | None = _f(None, doc="ledger folder or pyarrow URI; None = <output_dir>/ledger")
+
+
+@dataclass
+class ASPKDConfig:
+    rounds: int | None = _f(None, min=1, doc="None = 3, or 1 / 2 for 1 / 2 calls per class")
+    sigma: float = _f(17.0, gt=0.0)
+    sigma_mode: str = _f("absolute", choices=("absolute", "median"),
+                         doc="median: sigma is a multiple of the median latent distance")
+    k: int = _f(5, min=1)
+    distance: str | None = _f(None, choices=(None, "cosine", "euclidean"),
+                              doc="kNN distance; None = cosine for soft, euclidean for hard")
+    active: bool = _f(True, doc="active selection (off = random picks, Knockoff-style)")
+    self_paced: bool = _f(True, doc="kNN pseudo-labels on the unlabelled pool")
+    generation_class_filter: bool = _f(True)
+    centroids: str = _f("generation", choices=("generation", "predicted"))
+    baseline: str = _f("none", choices=("none", "prompt_only"),
+                       doc="prompt_only: train on generation classes, no teacher calls")
+
+
+@dataclass
+class RayConfig:
+    address: str | None = _f(None, doc="None: RAY_ADDRESS or a local head, else embedded")
+    namespace: str = _f("aspkd")
+    num_workers: int | None = _f(None, min=1, doc="Ray Train workers; None = from resources")
+    use_gpu: bool | None = _f(None, doc="None = when the cluster has GPUs")
+    cpus_per_worker: float | None = _f(None, gt=0.0)
+    generation_actors: int | None = _f(None, min=1, doc="None = from resources")
+    teacher_service: str = _f("aspkd-teacher", doc="named actor of the teacher service")
+
+
+@dataclass
+class TrackingConfig:
+    mlflow_uri: str | None = _f(None, doc="None = sqlite:///<output_dir>/mlflow.db")
+    experiment: str = _f("aspkd")
+
+
+@dataclass
+class Config:
+    seed: int = _f(0, min=0)
+    output_dir: str = _f("runs/default")
+    cache_dir: str = _f(".aspkd_cache", doc="trained victims and generators, reused by demo")
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    victim: VictimConfig = field(default_factory=VictimConfig)
+    generator: GeneratorConfig = field(default_factory=GeneratorConfig)
+    proxy: ProxyConfig = field(default_factory=ProxyConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
+    aspkd: ASPKDConfig = field(default_factory=ASPKDConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)

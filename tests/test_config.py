@@ -1,0 +1,64 @@
+from pathlib import Path
+
+import pytest
+
+from aspkd_ray.config import ConfigError, from_dict, load, num_rounds, total_budget
+
+CONFIGS = sorted(Path(__file__).resolve().parents[1].joinpath("tune_configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_shipped_configs_load(path):
+    cfg = load(path)
+    assert cfg.dataset.name
+
+
+def test_overrides_apply_with_yaml_types():
+    cfg = from_dict({}, ["aspkd.sigma=3", "aspkd.active=false", "budget.total=80",
+                         "generator.templates=['a {class}']"])
+    assert cfg.aspkd.sigma == 3.0 and cfg.aspkd.active is False
+    assert cfg.budget.total == 80 and cfg.generator.templates == ["a {class}"]
+
+
+@pytest.mark.parametrize("override, key", [
+    ("aspkd.sigmaa=1", "aspkd.sigmaa"),
+    ("aspkd.sigma=-1", "aspkd.sigma"),
+    ("aspkd.k=0", "aspkd.k"),
+    ("victim.output=medium", "victim.output"),
+    ("training.lr=fast", "training.lr"),
+    ("training.max_epochs=2.5", "training.max_epochs"),
+    ("aspkd.active=maybe", "aspkd.active"),
+    ("nosuchsection.x=1", "nosuchsection"),
+    ("generator.templates=['no placeholder']", "generator.templates[0]"),
+    ("budget.calls_per_class=-3", "budget.calls_per_class"),
+])
+def test_bad_values_are_rejected_naming_the_key(override, key):
+    with pytest.raises(ConfigError) as err:
+        from_dict({}, [override])
+    assert key in str(err.value)
+
+
+def test_error_names_value_and_accepted_choices():
+    with pytest.raises(ConfigError, match=r"'medium'.*soft, hard"):
+        from_dict({"victim": {"output": "medium"}})
+
+
+def test_unknown_key_in_yaml_file_is_rejected(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("aspkd:\n  sigma: 1\n  rounds_: 3\n")
+    with pytest.raises(ConfigError, match="aspkd.rounds_"):
+        load(p)
+
+
+def test_missing_config_file_is_a_clear_error(tmp_path):
+    with pytest.raises(ConfigError, match="no such file"):
+        load(tmp_path / "nope.yaml")
+
+
+def test_budget_and_rounds_derive_from_calls_per_class():
+    assert total_budget(from_dict({}, ["budget.calls_per_class=8"]), 10) == 80
+    assert total_budget(from_dict({}, ["budget.total=33"]), 10) == 33
+    assert num_rounds(from_dict({}, ["budget.calls_per_class=1"]), 10) == 1
+    assert num_rounds(from_dict({}, ["budget.calls_per_class=2"]), 10) == 2
+    assert num_rounds(from_dict({}, ["budget.calls_per_class=8"]), 10) == 3
+    assert num_rounds(from_dict({}, ["aspkd.rounds=5"]), 10) == 5
