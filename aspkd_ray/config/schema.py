@@ -105,6 +105,8 @@ class ProxyConfig:
     total: int | None = _f(None, min=1)
     balanced: bool = _f(True, doc="exact per-class balance instead of uniform class draws")
     val_fraction: float = _f(0.15, min=0.0, max=0.9)
+    dir: str | None = _f(None, doc="folder holding (or to hold) proxy/; None = output_dir. "
+                                   "Point runs and sweep trials at one to share a proxy set")
 
 
 @dataclass

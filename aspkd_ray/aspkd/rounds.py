@@ -1,0 +1,214 @@
+"""Algorithm 1: the ASPKD round loop, readable top to bottom.
+
+    for each of r rounds:
+        a. active selection: embed the unlabelled pool X'' with the student encoder S̄, pick
+           s/|C| images per class with probability ∝ exp(-Δ/(2σ²))
+        b. query: buy their labels from the teacher; move them from X'' to X'
+        c. distil the student on X'
+        d. self-paced pseudo-labels: kNN in S̄ space from X'' to X', drop disagreements with
+           the generation class
+        e. distil the student on X' ∪ X''
+
+Pure algorithm: the teacher is a `buy(pool_indices) -> labels` callable and distributed
+training is a `Comm` (identity on one process). The Ray layer supplies both.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from aspkd_ray.aspkd.distill import accuracy, embed, fit, predict_logits
+from aspkd_ray.aspkd.pseudo_labels import knn_pseudo_labels
+from aspkd_ray.aspkd.selection import active_select, random_select
+from aspkd_ray.config import TrainingConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ProxyPool:
+    """What the attack sees: proxy images and their generation classes, nothing else."""
+
+    x: torch.Tensor              # train split, float N x C x H x W in [0, 1]
+    classes: np.ndarray          # generation class of each train image
+    x_val: torch.Tensor          # validation split (early stopping, model selection)
+    classes_val: np.ndarray
+
+
+@dataclass
+class RoundSettings:
+    num_classes: int
+    budget: int                  # calls for the pool (bought validation excluded)
+    rounds: int
+    output: str                  # "soft" | "hard": what the teacher returns
+    training: TrainingConfig
+    active: bool = True
+    self_paced: bool = True
+    sigma: float = 17.0
+    sigma_mode: str = "absolute"
+    k: int = 5
+    distance: str | None = None  # None: cosine for soft, euclidean for hard (the paper's)
+    generation_class_filter: bool = True
+    centroids: str = "generation"
+    flip: bool = False
+    seed: int = 0
+    prompt_only: bool = False    # baseline: generation classes as labels, no calls
+
+    @property
+    def knn_distance(self) -> str:
+        return self.distance or ("cosine" if self.output == "soft" else "euclidean")
+
+    def calls_in_round(self, r: int) -> int:
+        """n / r calls per round; the remainder goes to the last round."""
+        base = self.budget // self.rounds
+        return base + (self.budget - base * self.rounds if r == self.rounds - 1 else 0)
+
+
+@dataclass
+class AttackState:
+    """Everything the attack knows; saved after every round so a run can resume."""
+
+    round: int = 0                                   # rounds completed
+    bought_idx: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    bought_labels: np.ndarray | None = None          # N_b x C floats (soft) or N_b ints
+    history: list[dict] = field(default_factory=list)
+    pseudo: list[dict] = field(default_factory=list)  # per round: pool idx and classes
+
+
+class Comm:
+    """One process: nothing to share. The Ray Train layer subclasses this for DDP."""
+
+    rank = 0
+    world_size = 1
+
+    def broadcast(self, obj):
+        return obj
+
+
+def bought_targets(labels: np.ndarray, output: str) -> torch.Tensor:
+    """Teacher answers as training targets: distributions (soft) or class ids (hard)."""
+    if output == "hard":
+        if labels.ndim != 1 or np.issubdtype(labels.dtype, np.floating):
+            raise TypeError("hard-label teacher answers must be class ids, never probabilities")
+        return torch.as_tensor(labels, dtype=torch.long)
+    return torch.as_tensor(labels, dtype=torch.float32)
+
+
+def hard_as_onehot(targets: torch.Tensor, num_classes: int) -> torch.Tensor:
+    return torch.nn.functional.one_hot(targets, num_classes).float()
+
+
+def _validator(pool: ProxyPool, val_labels: np.ndarray | None) -> Callable[[nn.Module], float]:
+    """Early stopping signal within the budget: accuracy against generation classes on the
+    proxy validation split, or agreement with bought validation labels when given."""
+    y = torch.as_tensor(pool.classes_val if val_labels is None else val_labels)
+    return lambda model: accuracy(model, pool.x_val, y)
+
+
+def run_rounds(student: nn.Module, pool: ProxyPool, s: RoundSettings,
+               buy: Callable[[np.ndarray], np.ndarray], *, comm: Comm | None = None,
+               state: AttackState | None = None, val_labels: np.ndarray | None = None,
+               on_round: Callable[[AttackState, nn.Module], None] | None = None) -> AttackState:
+    """Run (or resume) Algorithm 1 on `student` in place and return the attack state.
+
+    `buy(pool_indices)` returns the teacher's labels for those train-pool images (soft: N x C
+    floats; hard: N ints). Only rank 0 buys and selects; decisions are broadcast so every
+    rank trains on the same data. `on_round(state, student)` runs after each round (saving).
+    """
+    comm = comm or Comm()
+    state = state or AttackState()
+    validate = _validator(pool, val_labels)
+    rng = np.random.default_rng(s.seed)
+    n = len(pool.classes)
+
+    if s.prompt_only:  # the paper's "conventional" baseline: no teacher at all
+        targets = torch.as_tensor(pool.classes, dtype=torch.long)
+        res = fit(student, pool.x, targets, s.training, validate=validate, flip=s.flip,
+                  seed=s.seed, rank=comm.rank, world_size=comm.world_size)
+        state.round = 1
+        state.history.append({"round": 0, "bought": 0, "val_score": res.best_score,
+                              "epochs": res.epochs_run, "train_size": n})
+        if on_round:
+            on_round(state, student)
+        return state
+
+    for r in range(state.round, s.rounds):
+        t0 = time.time()
+        # Round seeds derive from (seed, round): a resumed run picks what a full run picks.
+        rng = np.random.default_rng([s.seed, r])
+        unlabelled = np.setdiff1d(np.arange(n), state.bought_idx)
+        quota = min(s.calls_in_round(r), len(unlabelled))
+
+        # a. active selection (rank 0 decides, everyone learns the picks)
+        picks = None
+        if comm.rank == 0:
+            if s.active:
+                latents = embed(student, pool.x).numpy()
+                groups = pool.classes
+                if s.centroids == "predicted":
+                    groups = predict_logits(getattr(student, "module", student),
+                                            pool.x).argmax(1).numpy()
+                sel = active_select(latents, groups, quota, s.num_classes, sigma=s.sigma,
+                                    sigma_mode=s.sigma_mode, rng=rng, candidates=unlabelled)
+            else:
+                sel = random_select(pool.classes, quota, s.num_classes, rng=rng,
+                                    candidates=unlabelled)
+            picks = np.asarray(sel.indices, dtype=np.int64)
+            # b. query the teacher; move the picks from X'' to X'
+            labels = buy(picks)
+            if state.bought_labels is None:
+                state.bought_labels = labels
+            else:
+                state.bought_labels = np.concatenate([state.bought_labels, labels])
+            state.bought_idx = np.concatenate([state.bought_idx, picks])
+        state.bought_idx, state.bought_labels = comm.broadcast(
+            (state.bought_idx, state.bought_labels))
+
+        # c. distil on X'
+        y_bought = bought_targets(state.bought_labels, s.output)
+        x_bought = pool.x[torch.as_tensor(state.bought_idx)]
+        res_c = fit(student, x_bought, y_bought, s.training, validate=validate, flip=s.flip,
+                    seed=s.seed + 1000 * r, rank=comm.rank, world_size=comm.world_size)
+        row = {"round": r, "bought": int(len(state.bought_idx)), "bought_this_round": quota,
+               "val_score_labelled": res_c.best_score, "epochs_labelled": res_c.epochs_run}
+
+        # d. self-paced pseudo-labels on X'', recomputed every round since S̄ changed
+        if s.self_paced:
+            unlabelled = np.setdiff1d(np.arange(n), state.bought_idx)
+            pseudo = None
+            if comm.rank == 0:
+                latents = embed(student, pool.x).numpy()
+                pl = knn_pseudo_labels(
+                    latents[unlabelled], latents[state.bought_idx], state.bought_labels,
+                    k=s.k, distance=s.knn_distance, mode=s.output, num_classes=s.num_classes,
+                    generation_classes=pool.classes[unlabelled],
+                    filter_by_generation_class=s.generation_class_filter)
+                pseudo = (unlabelled[pl.kept], pl.labels[pl.kept], pl.classes[pl.kept],
+                          float(pl.filter_rate))
+            p_idx, p_labels, p_classes, filter_rate = comm.broadcast(pseudo)
+            state.pseudo.append({"round": r, "idx": p_idx, "classes": p_classes})
+
+            # e. distil on X' ∪ X''
+            idx = np.concatenate([state.bought_idx, p_idx])
+            y_all = torch.cat([y_bought, bought_targets(p_labels, s.output)])
+            res_e = fit(student, pool.x[torch.as_tensor(idx)], y_all, s.training,
+                        validate=validate, flip=s.flip, seed=s.seed + 1000 * r + 1,
+                        rank=comm.rank, world_size=comm.world_size)
+            row.update({"pseudo_labelled": int(len(p_idx)), "filter_rate": filter_rate,
+                        "val_score": res_e.best_score, "epochs_all": res_e.epochs_run})
+        else:
+            row["val_score"] = res_c.best_score
+        row["round_time_s"] = round(time.time() - t0, 2)
+        state.history.append(row)
+        state.round = r + 1
+        log.info("round %d/%d: %s", r + 1, s.rounds, row)
+        if on_round:
+            on_round(state, student)
+    return state

@@ -1,0 +1,1 @@
+"""End-to-end jobs that tie the stages together: steal and demo."""
