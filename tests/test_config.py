@@ -26,6 +26,8 @@ def test_overrides_apply_with_yaml_types():
     ("aspkd.k=0", "aspkd.k"),
     ("victim.output=medium", "victim.output"),
     ("training.lr=fast", "training.lr"),
+    ("training.lr=nan", "training.lr"),
+    ("aspkd.sigma=.inf", "aspkd.sigma"),
     ("training.max_epochs=2.5", "training.max_epochs"),
     ("aspkd.active=maybe", "aspkd.active"),
     ("nosuchsection.x=1", "nosuchsection"),
@@ -62,3 +64,9 @@ def test_budget_and_rounds_derive_from_calls_per_class():
     assert num_rounds(from_dict({}, ["budget.calls_per_class=2"]), 10) == 2
     assert num_rounds(from_dict({}, ["budget.calls_per_class=8"]), 10) == 3
     assert num_rounds(from_dict({}, ["aspkd.rounds=5"]), 10) == 5
+
+
+def test_yaml_exponent_without_dot_is_a_number(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("training:\n  lr: 6e-4\n")  # PyYAML reads this as a string
+    assert load(p).training.lr == 6e-4

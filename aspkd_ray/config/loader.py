@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import types
 import typing
 from pathlib import Path
@@ -67,9 +68,18 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
             return int(value)
         raise ConfigError(f"{key}: got {value!r}; expected an integer.")
     if tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        raise ConfigError(f"{key}: got {value!r}; expected a number.")
+            number = float(value)
+        elif isinstance(value, str):
+            # PyYAML reads 6e-4 (no dot) as a string; accept what is plainly a number.
+            try:
+                number = float(value)
+            except ValueError:
+                pass
+        if number is None or not math.isfinite(number):
+            raise ConfigError(f"{key}: got {value!r}; expected a finite number.")
+        return number
     if tp is str:
         if isinstance(value, str):
             return value
