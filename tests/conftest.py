@@ -19,7 +19,7 @@ def ray_session():
 
     if not ray.is_initialized():
         os.environ.pop("RAY_ADDRESS", None)
-        ray.init(namespace="aspkd-tests", include_dashboard=False, num_cpus=2,
+        ray.init(address="local", namespace="aspkd-tests", include_dashboard=False, num_cpus=2,
                  object_store_memory=512 << 20)
     info = connect()
     yield info

@@ -11,8 +11,9 @@ def register(sub) -> None:
                        description="Print versions, the Ray cluster's resources (a running "
                                    "cluster if there is one, else an embedded instance), "
                                    "torch devices and whether faiss sees GPUs.")
-    p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS, a "
-                                                   "local head, else embedded)")
+    p.add_argument("--address", default=None, help="Ray address, or 'local' for an embedded "
+                                                   "instance (default: RAY_ADDRESS, a running "
+                                                   "local Ray, else embedded)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=run)
 

@@ -1,7 +1,8 @@
 """One way to reach Ray: the running cluster when there is one, else an embedded instance.
 
-Order: an explicit address, then RAY_ADDRESS, then a `ray start --head` on this machine
-(address "auto"), else an embedded `ray.init()` sized to the machine. Calling it again reuses
+Order: an explicit address, then RAY_ADDRESS, then a Ray already running on this machine
+(address "auto": a `ray start --head`), else an embedded `ray.init()` sized to the machine.
+The address "local" always starts an embedded instance. Calling it again reuses
 the connection, so a whole test session shares one Ray instance.
 """
 
@@ -21,23 +22,43 @@ def connect(address: str | None = None, namespace: str = "aspkd",
     if not ray.is_initialized():
         address = address or os.environ.get("RAY_ADDRESS")
         mode = "cluster"
-        if address:
+        if address == "local":
+            mode = "embedded"
+            ray.init(address="local", namespace=namespace, num_cpus=num_cpus,
+                     include_dashboard=False, log_to_driver=True,
+                     object_store_memory=_object_store_bytes())
+        elif address:
             ray.init(address=address, namespace=namespace, log_to_driver=True)
         else:
             try:
                 ray.init(address="auto", namespace=namespace, log_to_driver=True)
             except ConnectionError:
                 mode = "embedded"
-                ray.init(namespace=namespace, num_cpus=num_cpus, include_dashboard=False,
-                         log_to_driver=True,
-                         # Ray's own data context default (a progress bar per operator) is
-                         # fine; but keep the object store modest on small machines.
+                ray.init(address="local", namespace=namespace, num_cpus=num_cpus,
+                         include_dashboard=False, log_to_driver=True,
                          object_store_memory=_object_store_bytes())
         log.info("Ray %s (%s)", mode, ray.get_runtime_context().gcs_address)
     return describe()
 
 
+def use_local_token() -> None:
+    """Send the local auth token when joining an existing cluster.
+
+    `ray start --head` (Ray 2.59+) enables token auth and writes ~/.ray/auth_token, but a
+    driver joining by address does not send it unless RAY_AUTH_MODE=token is set before ray
+    is imported (measured with Ray 2.60: the GCS answers InvalidAuthToken). A token-mode
+    client also joins clusters without auth, and new embedded clusters use tokens anyway.
+    Called from aspkd_ray/__init__.py, i.e. before anything imports ray.
+    """
+    if "RAY_AUTH_MODE" in os.environ:
+        return
+    token_file = os.environ.get("RAY_AUTH_TOKEN_PATH", os.path.expanduser("~/.ray/auth_token"))
+    if os.environ.get("RAY_AUTH_TOKEN") or os.path.isfile(token_file):
+        os.environ["RAY_AUTH_MODE"] = "token"
+
+
 def _object_store_bytes() -> int:
+    """15% of memory, within [512 MiB, 8 GiB]: modest on small machines."""
     try:
         total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
