@@ -1,0 +1,209 @@
+"""A victim behind an HTTP inference API: MLflow scoring or Open Inference Protocol v2.
+
+- MLflow (`mlflow models serve`, Databricks, SageMaker MLflow containers): POST /invocations
+  with {"inputs": N x C x H x W floats}; the answer is {"predictions": ...}.
+- v2 (KServe, Triton, MLServer): POST /v2/models/<name>/infer with one FP32 input tensor;
+  the answer's first output tensor is used.
+
+Timeouts, bounded retries with exponential backoff (timeouts, connection errors, 5xx, 429),
+a token-bucket rate limit, and a bearer token read from an environment variable. The token is
+kept out of reprs, logs and error messages.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import threading
+import time
+from collections.abc import Callable
+from urllib.parse import urlsplit, urlunsplit
+
+import numpy as np
+
+from aspkd_ray.teacher.checks import check_answer
+from aspkd_ray.teacher.errors import InvalidAnswer
+
+log = logging.getLogger(__name__)
+
+RETRY_STATUS = {429, 500, 502, 503, 504}
+
+
+class HttpVictimError(RuntimeError):
+    """The endpoint did not answer (after retries) or refused the request."""
+
+
+def safe_url(url: str) -> str:
+    """The URL without user:password@ (never print credentials)."""
+    parts = urlsplit(url)
+    netloc = parts.netloc.rsplit("@", 1)[-1]
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+class TokenBucket:
+    """At most `rate` requests per second on average, bursts up to `capacity`."""
+
+    def __init__(self, rate: float, capacity: float | None = None,
+                 clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
+        if rate <= 0:
+            raise ValueError(f"rate must be > 0 requests per second, got {rate}.")
+        self.rate = float(rate)
+        self.capacity = float(capacity if capacity is not None else max(1.0, rate))
+        self._clock, self._sleep = clock, sleep
+        self._tokens, self._last = self.capacity, clock()
+        self._lock = threading.Lock()
+
+    def acquire(self) -> float:
+        """Take one token, sleeping until one is there; returns the seconds waited."""
+        with self._lock:
+            now = self._clock()
+            self._tokens = min(self.capacity, self._tokens + (now - self._last) * self.rate)
+            self._last = now
+            wait = 0.0
+            if self._tokens < 1.0:
+                wait = (1.0 - self._tokens) / self.rate
+                self._sleep(wait)
+                self._tokens, self._last = 1.0, self._clock()
+            self._tokens -= 1.0
+            return wait
+
+
+class HttpVictim:
+    """Labels from a served model; see the module docstring for the protocols."""
+
+    remote = True
+
+    def __init__(self, endpoint: str, *, protocol: str = "mlflow", output: str = "soft",
+                 num_classes: int, model_name: str | None = None, timeout_s: float = 30.0,
+                 max_retries: int = 3, rate_limit_per_s: float | None = None,
+                 auth_env: str | None = None, backoff_s: float = 0.25,
+                 input_name: str = "input", session=None) -> None:
+        import requests
+
+        if protocol not in ("mlflow", "v2"):
+            raise ValueError(f"protocol must be 'mlflow' or 'v2', got {protocol!r}.")
+        if output not in ("soft", "hard"):
+            raise ValueError(f"output must be 'soft' or 'hard', got {output!r}.")
+        if not endpoint.startswith(("http://", "https://")):
+            raise ValueError(f"victim.endpoint must be an http(s):// URL, got "
+                             f"{safe_url(endpoint)!r}.")
+        if timeout_s <= 0 or max_retries < 0 or backoff_s < 0:
+            raise ValueError("timeout_s must be > 0, max_retries and backoff_s >= 0.")
+        self.protocol, self.output, self.num_classes = protocol, output, num_classes
+        self.timeout_s, self.max_retries, self.backoff_s = timeout_s, max_retries, backoff_s
+        self.input_name = input_name
+        self.url = self._invoke_url(endpoint, protocol, model_name)
+        self.name = f"{protocol}:{safe_url(self.url)}"
+        self.bucket = TokenBucket(rate_limit_per_s) if rate_limit_per_s else None
+        self.session = session or requests.Session()
+        self._headers = {"Content-Type": "application/json"}
+        if auth_env:
+            token = os.environ.get(auth_env)
+            if not token:
+                raise ValueError(f"victim.auth_env names ${auth_env}, but it is not set in the "
+                                 f"environment of the process calling the victim (on a "
+                                 f"cluster: the teacher service's node).")
+            self._headers["Authorization"] = f"Bearer {token}"
+        self.requests_sent = 0
+
+    def __repr__(self) -> str:  # no headers: they may hold the token
+        return f"HttpVictim({self.name!r}, output={self.output!r})"
+
+    @staticmethod
+    def _invoke_url(endpoint: str, protocol: str, model_name: str | None) -> str:
+        parts = urlsplit(endpoint)
+        if parts.path not in ("", "/"):
+            return endpoint  # a full scoring URL was given
+        base = endpoint.rstrip("/")
+        if protocol == "mlflow":
+            return f"{base}/invocations"
+        if not model_name:
+            raise ValueError("victim.protocol=v2 needs victim.model_name (the path is "
+                             "/v2/models/<model_name>/infer), or a full endpoint URL.")
+        return f"{base}/v2/models/{model_name}/infer"
+
+    # ---- one call ---------------------------------------------------------------------
+    def predict(self, x) -> np.ndarray:
+        """Raw answer for float inputs N x C x H x W (checked, then hard-reduced in hard mode)."""
+        arr = np.ascontiguousarray(x.detach().cpu().numpy() if hasattr(x, "detach") else x,
+                                   dtype=np.float32)
+        body = self._post(self._payload(arr))
+        answer = self._parse(body)
+        if self.output == "hard" and answer.ndim == 2 and answer.shape[1] > 1:
+            # The endpoint gave probabilities; a hard-label attack keeps only the class id,
+            # here, so nothing downstream ever sees them.
+            return check_answer(answer, len(arr), self.num_classes, "soft").argmax(1)
+        return answer
+
+    def _payload(self, arr: np.ndarray) -> dict:
+        if self.protocol == "mlflow":
+            return {"inputs": arr.tolist()}
+        return {"inputs": [{"name": self.input_name, "shape": list(arr.shape),
+                            "datatype": "FP32", "data": arr.ravel().tolist()}]}
+
+    def _parse(self, body: object) -> np.ndarray:
+        if not isinstance(body, dict):
+            raise InvalidAnswer(f"victim answered a {type(body).__name__}, not a JSON object.")
+        if self.protocol == "mlflow":
+            if "predictions" not in body:
+                raise InvalidAnswer(f"MLflow answer has no 'predictions' (keys: "
+                                    f"{sorted(body)[:5]}).")
+            pred = body["predictions"]
+            if isinstance(pred, dict) and len(pred) == 1:  # one named output tensor
+                pred = next(iter(pred.values()))
+            try:
+                return np.asarray(pred, dtype=np.float64 if self.output == "soft" else None)
+            except (ValueError, TypeError) as exc:
+                raise InvalidAnswer(f"MLflow predictions are not a numeric array: {exc}") from exc
+        outputs = body.get("outputs")
+        if not isinstance(outputs, list) or not outputs or not isinstance(outputs[0], dict):
+            raise InvalidAnswer("v2 answer has no 'outputs' tensor list.")
+        out = outputs[0]
+        try:
+            data = np.asarray(out["data"])
+            shape = [int(s) for s in out["shape"]]
+        except (KeyError, ValueError, TypeError) as exc:
+            raise InvalidAnswer(f"v2 output tensor is malformed: {exc!r}") from exc
+        if data.size != int(np.prod(shape)):
+            raise InvalidAnswer(f"v2 output has {data.size} values for shape {shape}.")
+        return data.reshape(shape)
+
+    def _post(self, payload: dict) -> object:
+        import requests
+
+        last = "no attempt"
+        for attempt in range(self.max_retries + 1):
+            if attempt:
+                # Exponential backoff with jitter, so retrying clients do not stampede.
+                time.sleep(self.backoff_s * (2 ** (attempt - 1)) * (0.5 + random.random()))
+            if self.bucket is not None:
+                self.bucket.acquire()
+            self.requests_sent += 1
+            try:
+                resp = self.session.post(self.url, json=payload, headers=self._headers,
+                                         timeout=self.timeout_s)
+            except (requests.Timeout, requests.ConnectionError) as exc:
+                last = f"{type(exc).__name__}"
+                log.warning("victim %s: %s (attempt %d/%d)", self.name, last, attempt + 1,
+                            self.max_retries + 1)
+                continue
+            if resp.status_code in RETRY_STATUS:
+                last = f"HTTP {resp.status_code}"
+                log.warning("victim %s: %s (attempt %d/%d)", self.name, last, attempt + 1,
+                            self.max_retries + 1)
+                continue
+            if resp.status_code in (401, 403):
+                raise HttpVictimError(f"victim {self.name} refused the credentials (HTTP "
+                                      f"{resp.status_code}); check the token in victim.auth_env.")
+            if resp.status_code >= 400:
+                raise HttpVictimError(f"victim {self.name} answered HTTP {resp.status_code}: "
+                                      f"{resp.text[:300]}")
+            try:
+                return resp.json()
+            except ValueError as exc:
+                raise InvalidAnswer(f"victim {self.name} answered non-JSON: "
+                                    f"{resp.text[:100]!r}") from exc
+        raise HttpVictimError(f"victim {self.name} failed {self.max_retries + 1} times "
+                              f"(last: {last}).")

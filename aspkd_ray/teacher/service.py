@@ -1,0 +1,342 @@
+"""The teacher service: one named Ray actor, the attack's only door to the victim.
+
+Every driver, Ray task, Train worker and Tune trial reaches the same actor by name
+(cfg.ray.teacher_service in cfg.ray.namespace). Requests are serialised by a lock, so the
+budget cap is exact under any number of concurrent clients; status calls run alongside.
+Each victim batch is reserved in the ledger (durably) before the call and recorded after it,
+so a crash at any point leaves a ledger from which a restarted service (max_restarts=-1)
+rebuilds the same budget: reserved-but-unanswered samples count as spent and are reported.
+For a remote (HTTP) victim the reservation is durable before the request leaves. For an
+in-process checkpoint the forward pass runs while the reservation is being synced (nothing
+leaves the process during it), and its answer is used only once the reservation is durable,
+discarded if the reservation fails: the same guarantee, without the fsync in the critical path.
+
+`buy` is idempotent for a given list of ids (bought ids are free, unanswered ones are retried
+at no charge), which is what makes Ray's automatic retry after a restart safe.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import replace
+
+import numpy as np
+
+from aspkd_ray.config import Config, total_budget
+from aspkd_ray.teacher.budget import plan_request
+from aspkd_ray.teacher.checks import check_answer, check_request
+from aspkd_ray.teacher.errors import BudgetExhausted, LedgerMismatch, VictimError
+from aspkd_ray.teacher.ledger import Ledger, check_meta, normalize_uri, read_meta
+
+log = logging.getLogger(__name__)
+
+ACTOR_CPUS = 0.25        # fractional: on 2 CPUs the service must not starve Train or Data
+ACTOR_CONCURRENCY = 4    # status calls are answered while a buy waits on the victim
+TASK_RETRIES = 3         # Ray resubmits a buy after a restart; buy is idempotent
+
+
+class TeacherService:
+    """The actor class (use connect_teacher_service, not this directly)."""
+
+    def __init__(self, cfg: Config, num_classes: int, budget: int, ledger_uri: str) -> None:
+        from aspkd_ray.teacher.victims import make_victim, victim_name
+
+        self.cfg = cfg
+        name = victim_name(cfg)
+        self.ledger = Ledger(ledger_uri, budget=budget, output=cfg.victim.output,
+                             num_classes=num_classes, victim=name)
+        if self.ledger.meta.get("victim") not in (None, name):
+            # Allowed (a moved checkpoint, a new URL for the same model), but worth saying.
+            log.warning("ledger %s was started against victim %s, now %s", self.ledger.uri,
+                        self.ledger.meta["victim"], name)
+        self.victim = make_victim(cfg, num_classes)
+        self.batch_size = cfg.victim.batch_size
+        self._buy_lock = threading.Lock()   # one request at a time: the cap stays exact
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="ledger")
+        self.started = time.time()
+        # This process's counters (not in the ledger): retries included, seconds spent;
+        # ledger_wait_s is the part of the ledger writes a request waited for.
+        self.counters = {"victim_samples_sent": 0, "victim_s": 0.0, "ledger_s": 0.0,
+                         "ledger_wait_s": 0.0, "requests": 0}
+        s = self.ledger.status()
+        if s["spent"] or s["reserved_unanswered"]:
+            log.warning("teacher service rebuilt ledger %s: %d of %d spent, %d reserved but "
+                        "unanswered", s["ledger"], s["spent"], s["budget"],
+                        len(s["reserved_unanswered"]))
+
+    def describe(self) -> dict:
+        return {"budget": self.ledger.budget, "output": self.ledger.output,
+                "num_classes": self.ledger.num_classes, "ledger": self.ledger.uri,
+                "victim": self.ledger.meta.get("victim"), "pid": os.getpid(),
+                "started": self.started, "batch_size": self.batch_size,
+                "torch_threads": _torch_threads()}
+
+    def status(self) -> dict:
+        out = self.ledger.status()
+        out["victim_samples_sent"] = self.counters["victim_samples_sent"]
+        out["service"] = dict(self.counters)
+        return out
+
+    def buy(self, ids: list[str], classes: np.ndarray, images: np.ndarray, trial: str | None,
+            trial_cap: int | None) -> dict:
+        with self._buy_lock:
+            self.counters["requests"] += 1
+            try:
+                ids, classes, images = check_request(ids, classes, images,
+                                                     self.ledger.num_classes)
+                order = self._check_classes(ids, classes)
+            except (TypeError, ValueError) as exc:
+                return {"input_error": f"{type(exc).__name__}: {exc}"}
+            return self._buy(ids, classes, images, order, trial or "", trial_cap)
+
+    def _check_classes(self, ids: list[str], classes: np.ndarray) -> dict[str, int]:
+        """First position of each distinct id; its generation class must never change."""
+        first: dict[str, int] = {}
+        charged = self.ledger.state.charged
+        for pos, (i, c) in enumerate(zip(ids, classes.tolist(), strict=True)):
+            if i in first:
+                if classes[first[i]] != c:
+                    raise ValueError(f"sample {i!r} appears with classes {classes[first[i]]} "
+                                     f"and {c} in one request.")
+                continue
+            if i in charged and charged[i] != c:
+                raise ValueError(f"sample {i!r} was bought with generation class {charged[i]}"
+                                 f", now asked with {c}: sample ids must be stable.")
+            first[i] = pos
+        return first
+
+    def _buy(self, ids, classes, images, first, trial, trial_cap) -> dict:
+        from aspkd_ray.teacher.victims import victim_input
+
+        ledger = self.ledger
+        plan = plan_request(list(first), ledger.state, ledger.budget, trial, trial_cap)
+        # Free grants of already-answered samples to this trial: recorded, no victim call.
+        free = [i for i in plan.granted if i in plan.new_grants and i not in plan.to_query]
+        self._wait(self._reserve(free, classes, first, trial, plan.new_charges))
+        error, failed = None, []
+        remote = getattr(self.victim, "remote", True)
+        for start in range(0, len(plan.to_query), self.batch_size):
+            batch = plan.to_query[start:start + self.batch_size]
+            x = victim_input(images[[first[i] for i in batch]], self.cfg)
+            reservation = self._reserve(batch, classes, first, trial, plan.new_charges,
+                                        background=not remote)
+            if remote:
+                self._wait(reservation)  # write-ahead: durable before the request is sent
+            t = time.perf_counter()
+            try:
+                self.counters["victim_samples_sent"] += len(batch)
+                raw = self.victim.predict(x)
+                self.counters["victim_s"] += time.perf_counter() - t
+                self._wait(reservation)  # no answer is used before its reservation is durable
+                labels = check_answer(raw, len(batch), ledger.num_classes, ledger.output)
+            except Exception as exc:  # noqa: BLE001 - any victim failure is recorded
+                self._wait(reservation)  # a ledger failure propagates: nothing was charged
+                error = f"{type(exc).__name__}: {exc}"
+                self._wait(self._write(ledger.record_failure, batch, error))
+                failed = batch
+                break
+            self._wait(self._write(ledger.record_answers, batch, labels))
+        return self._result(ids, plan, error, failed)
+
+    def _write(self, write, *args, background: bool = False) -> Future:
+        """Run a ledger write, here or on the writer thread; a Future either way."""
+        def timed() -> None:
+            t = time.perf_counter()
+            try:
+                write(*args)
+            finally:
+                self.counters["ledger_s"] += time.perf_counter() - t
+                if not background:  # the request waited for all of it
+                    self.counters["ledger_wait_s"] += time.perf_counter() - t
+
+        if background:
+            return self._writer.submit(timed)
+        done: Future = Future()
+        try:
+            timed()
+            done.set_result(None)
+        except Exception as exc:  # handed to whoever waits on it
+            done.set_exception(exc)
+        return done
+
+    def _wait(self, future: Future) -> None:
+        t = time.perf_counter()
+        future.result()
+        self.counters["ledger_wait_s"] += time.perf_counter() - t
+
+    def _reserve(self, batch, classes, first, trial, new_charges,
+                 background: bool = False) -> Future:
+        grants = self.ledger.state.trial_grants.get(trial, set()) if trial else set()
+        rows = [i for i in batch if i in new_charges or (trial and i not in grants)]
+        if not rows:
+            return self._write(lambda: None)
+        return self._write(self.ledger.reserve, rows, [int(classes[first[i]]) for i in rows],
+                           [trial] * len(rows), [i in new_charges for i in rows],
+                           background=background)
+
+    def _result(self, ids, plan, error, failed) -> dict:
+        answers = self.ledger.state.answers
+        granted = set(plan.granted)
+        answered = [i for i in ids if i in granted and i in answers]
+        if self.ledger.output == "soft":
+            labels = (np.stack([answers[i] for i in answered]).astype(np.float32) if answered
+                      else np.zeros((0, self.ledger.num_classes), np.float32))
+        else:
+            labels = np.asarray([answers[i] for i in answered], np.int64)
+        unanswered = [i for i in plan.granted if i not in answers]
+        return {"answered_ids": answered, "labels": labels, "refused_ids": plan.refused,
+                "refused_by": plan.refused_by, "error": error, "failed_ids": failed,
+                "unanswered_ids": unanswered,
+                "charged_unanswered": [i for i in unanswered if i in self.ledger.state.charged]}
+
+
+class TeacherClient:
+    """What attack code holds: buy labels, read the budget. Picklable (Ray tasks, trials)."""
+
+    def __init__(self, handle, info: dict, trial: str | None, trial_cap: int | None,
+                 connect_args: tuple) -> None:
+        self._handle, self._info = handle, info
+        self.trial, self.trial_cap = trial, trial_cap
+        self._connect_args = connect_args
+
+    @property
+    def output(self) -> str:
+        """'soft' (buy returns N x C probabilities) or 'hard' (N class ids)."""
+        return self._info["output"]
+
+    @property
+    def budget(self) -> int:
+        return self._info["budget"]
+
+    @property
+    def num_classes(self) -> int:
+        return self._info["num_classes"]
+
+    def buy(self, ids: list[str], classes: np.ndarray, images: np.ndarray) -> np.ndarray:
+        """Labels for `ids` (aligned): soft float32 N x C, hard int64 N.
+
+        Already-bought ids are free. Raises BudgetExhausted carrying the answers given when
+        the request passes the cap, VictimError when the victim failed (its charged samples
+        are retried at no charge on the next request).
+        """
+        ids, classes, images = check_request(ids, classes, images, self.num_classes)
+        res = self._call("buy", ids, classes, images, self.trial, self.trial_cap)
+        if "input_error" in res:
+            raise ValueError(res["input_error"])
+        if res["error"] is not None:
+            raise VictimError(
+                f"the victim failed: {res['error']}. {len(res['charged_unanswered'])} charged "
+                f"samples are reserved but unanswered (reported in status()); asking for them "
+                f"again retries the victim at no charge.", res["answered_ids"], res["labels"],
+                res["unanswered_ids"])
+        if res["refused_ids"]:
+            raise BudgetExhausted(
+                f"{res['refused_by']} exhausted: answered {len(res['answered_ids'])} of "
+                f"{len(ids)} samples, refused {len(res['refused_ids'])} (budget "
+                f"{self.budget}, trial cap {self.trial_cap}).", res["answered_ids"],
+                res["labels"], res["refused_ids"])
+        return res["labels"]
+
+    def status(self) -> dict:
+        """budget, spent, left, per_class, output, reserved_unanswered, trial_spent, ..."""
+        return self._call("status")
+
+    def describe(self) -> dict:
+        """The running service: budget, output, num_classes, ledger, victim, pid, started."""
+        return self._call("describe")
+
+    def shutdown(self) -> None:
+        """Stop the service actor (the ledger stays; the next connect rebuilds from it)."""
+        import ray
+
+        ray.kill(self._handle, no_restart=True)
+
+    def _call(self, method: str, *args):
+        import ray
+
+        try:
+            return ray.get(getattr(self._handle, method).remote(*args))
+        except ray.exceptions.ActorDiedError:
+            # Its owner (the driver or trial that created it) ended: create it again by name;
+            # it rebuilds from the ledger, and buy is idempotent.
+            self._handle, self._info = _get_or_create(*self._connect_args)
+            return ray.get(getattr(self._handle, method).remote(*args))
+
+
+def _get_or_create(cfg: Config, num_classes: int, budget: int, ledger_uri: str):
+    import ray
+
+    actor = ray.remote(TeacherService).options(
+        name=cfg.ray.teacher_service, namespace=cfg.ray.namespace, get_if_exists=True,
+        max_restarts=-1, max_task_retries=TASK_RETRIES, num_cpus=ACTOR_CPUS,
+        max_concurrency=ACTOR_CONCURRENCY)
+    handle = actor.remote(cfg, num_classes, budget, ledger_uri)
+    try:
+        info = ray.get(handle.describe.remote())
+    except ray.exceptions.RayActorError as exc:
+        raise RuntimeError(f"the teacher service {cfg.ray.teacher_service!r} could not start: "
+                           f"{exc}") from exc
+    asked = {"budget": budget, "output": cfg.victim.output, "num_classes": num_classes,
+             "ledger": ledger_uri}
+    wrong = {k: (info[k], v) for k, v in asked.items() if info[k] != v}
+    if wrong:
+        what = "; ".join(f"{k} is {old!r}, asked {new!r}" for k, (old, new) in wrong.items())
+        raise LedgerMismatch(
+            f"a teacher service named {cfg.ray.teacher_service!r} (namespace "
+            f"{cfg.ray.namespace!r}) is already running with other settings: {what}. Use "
+            f"another ray.teacher_service name, or stop it (TeacherClient.shutdown()).")
+    return handle, info
+
+
+def connect_teacher_service(cfg: Config, num_classes: int, budget: int | None = None,
+                            ledger_uri: str | None = None,
+                            trial: str | None = None) -> TeacherClient:
+    """Get or create the named teacher service and return a client for it.
+
+    budget defaults to total_budget(cfg, num_classes); the ledger to budget.ledger, else
+    <output_dir>/ledger. `trial` names a Tune trial, capped by budget.per_trial. Raises
+    LedgerMismatch when the running service or the ledger has another budget / output mode.
+    """
+    from aspkd_ray.runtime import connect
+
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}.")
+    budget = total_budget(cfg, num_classes) if budget is None else int(budget)
+    if budget < 0:
+        raise ValueError(f"budget must be >= 0, got {budget}.")
+    if trial is not None and (not isinstance(trial, str) or not trial):
+        raise ValueError(f"trial must be a non-empty string or None, got {trial!r}.")
+    uri = normalize_uri(ledger_uri or cfg.budget.ledger
+                        or os.path.join(cfg.output_dir, "ledger"))
+    cfg = _resolved(cfg)
+    meta = read_meta(uri)  # fail here, clearly, before an actor is created
+    if meta is not None:
+        check_meta(uri, meta, budget=budget, output=cfg.victim.output, num_classes=num_classes)
+    connect(cfg.ray.address, cfg.ray.namespace)
+    handle, info = _get_or_create(cfg, num_classes, budget, uri)
+    return TeacherClient(handle, info, trial, cfg.budget.per_trial,
+                         (cfg, num_classes, budget, uri))
+
+
+def _resolved(cfg: Config) -> Config:
+    """Absolute victim path, checked here: the actor may run in another directory."""
+    if cfg.victim.endpoint:
+        return cfg
+    from aspkd_ray.victim.train import victim_checkpoint_dir
+
+    ckpt = victim_checkpoint_dir(cfg).resolve()
+    if not (ckpt / "model.json").is_file():
+        raise FileNotFoundError(f"victim checkpoint {ckpt} not found; train it with `aspkd "
+                                f"train-teacher` (same config) or set victim.checkpoint or "
+                                f"victim.endpoint.")
+    return replace(cfg, victim=replace(cfg.victim, checkpoint=str(ckpt)))
+
+
+def _torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
