@@ -1,0 +1,140 @@
+"""The ASPKD round loop (Algorithm 1) with a fake teacher: budget, rounds, hard mode."""
+
+import numpy as np
+import pytest
+import torch
+
+import aspkd_ray.aspkd.rounds as rounds_mod
+from aspkd_ray.aspkd.rounds import ProxyPool, RoundSettings, run_rounds
+from aspkd_ray.config import TrainingConfig
+from aspkd_ray.datasets import load_generator_data, to_tensor
+from aspkd_ray.models import create_model
+
+
+@pytest.fixture(scope="module")
+def pool():
+    data = load_generator_data("digits")  # real digits stand in for proxy images here
+    x = to_tensor(data.images, 28, 1)
+    idx = np.random.default_rng(0).permutation(len(x))
+    tr, va = idx[:240], idx[240:300]
+    return ProxyPool(x=x[tr], classes=data.labels[tr], x_val=x[va],
+                     classes_val=data.labels[va]), data.labels[tr]
+
+
+def _settings(**kw):
+    base = dict(num_classes=10, budget=40, rounds=3, output="soft",
+                training=TrainingConfig(max_epochs=1, patience=1, batch_size=64,
+                                        augment=False),
+                sigma=1.0, sigma_mode="median", seed=0)
+    base.update(kw)
+    return RoundSettings(**base)
+
+
+class FakeTeacher:
+    """Labels from the true classes; soft = a peaked distribution, hard = class ids."""
+
+    def __init__(self, truth, output):
+        self.truth, self.output, self.calls, self.asked = truth, output, 0, []
+
+    def __call__(self, picks):
+        self.calls += len(picks)
+        self.asked.append(np.asarray(picks))
+        if self.output == "hard":
+            return self.truth[picks].astype(np.int64)
+        probs = np.full((len(picks), 10), 0.02, dtype=np.float32)
+        probs[np.arange(len(picks)), self.truth[picks]] = 0.82
+        return probs
+
+
+def _student():
+    torch.manual_seed(0)
+    return create_model("digits_cnn_small", num_classes=10, in_chans=1, image_size=28)
+
+
+def test_budget_is_spent_exactly_over_rounds_without_repeats(pool):
+    p, truth = pool
+    teacher = FakeTeacher(truth, "soft")
+    state = run_rounds(_student(), p, _settings(budget=41), teacher)
+    assert teacher.calls == 41 and len(state.bought_idx) == 41
+    assert [len(a) for a in teacher.asked] == [13, 13, 15]  # n/r, remainder in the last round
+    assert len(np.unique(state.bought_idx)) == 41
+    assert state.round == 3 and len(state.history) == 3
+
+
+def test_every_round_recomputes_latents_and_pseudo_labels(pool, monkeypatch):
+    p, truth = pool
+    seen = []
+    real_knn = rounds_mod.knn_pseudo_labels
+
+    def spy(query, reference, labels, **kw):
+        seen.append((query.copy(), reference.shape[0]))
+        return real_knn(query, reference, labels, **kw)
+
+    monkeypatch.setattr(rounds_mod, "knn_pseudo_labels", spy)
+    state = run_rounds(_student(), p, _settings(), FakeTeacher(truth, "soft"))
+    assert [n for _, n in seen] == [13, 26, 40]  # the labelled set grows each round
+    # the unlabelled pool's latents change between rounds (the student moved)
+    first, second = seen[0][0][:50], seen[1][0][:50]
+    assert not np.allclose(first, second)
+    assert len(state.pseudo) == 3 and all(len(r["idx"]) > 0 for r in state.pseudo)
+
+
+def test_hard_mode_never_sees_probabilities(pool, monkeypatch):
+    p, truth = pool
+    targets_seen = []
+    real_fit = rounds_mod.fit
+
+    def spy_fit(model, x, targets, cfg, **kw):
+        targets_seen.append(targets.dtype)
+        return real_fit(model, x, targets, cfg, **kw)
+
+    monkeypatch.setattr(rounds_mod, "fit", spy_fit)
+    run_rounds(_student(), p, _settings(output="hard"), FakeTeacher(truth, "hard"))
+    assert targets_seen and all(dt == torch.long for dt in targets_seen)
+
+
+def test_hard_mode_rejects_probabilities_from_the_teacher(pool):
+    p, truth = pool
+    with pytest.raises(TypeError, match="never probabilities"):
+        run_rounds(_student(), p, _settings(output="hard"), FakeTeacher(truth, "soft"))
+
+
+def test_vanilla_and_prompt_only_switches(pool, monkeypatch):
+    p, truth = pool
+    called = []
+    monkeypatch.setattr(rounds_mod, "knn_pseudo_labels",
+                        lambda *a, **k: called.append(1) or None)
+    teacher = FakeTeacher(truth, "soft")
+    state = run_rounds(_student(), p, _settings(active=False, self_paced=False), teacher)
+    assert teacher.calls == 40 and not called and state.pseudo == []
+    teacher = FakeTeacher(truth, "soft")
+    state = run_rounds(_student(), p, _settings(prompt_only=True), teacher)
+    assert teacher.calls == 0 and len(state.bought_idx) == 0
+
+
+def test_resume_continues_where_it_stopped(pool):
+    p, truth = pool
+    full = run_rounds(_student(), p, _settings(), FakeTeacher(truth, "soft"))
+    saved = {}
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_first(state, model):
+        import copy
+
+        saved["state"] = copy.deepcopy(state)
+        saved["weights"] = copy.deepcopy(model.state_dict())
+        raise Stop
+
+    with pytest.raises(Stop):
+        run_rounds(_student(), p, _settings(), FakeTeacher(truth, "soft"),
+                   on_round=stop_after_first)
+    student = _student()
+    student.load_state_dict(saved["weights"])
+    teacher = FakeTeacher(truth, "soft")
+    resumed = run_rounds(student, p, _settings(), teacher, state=saved["state"])
+    assert teacher.calls == 27  # rounds 2 and 3 only
+    np.testing.assert_array_equal(np.sort(resumed.bought_idx[:13]),
+                                  np.sort(full.bought_idx[:13]))
+    assert resumed.round == 3 and len(resumed.bought_idx) == 40
