@@ -17,6 +17,7 @@ COMMANDS = [
     "aspkd_ray.cli.generation",
     "aspkd_ray.cli.serve",
     "aspkd_ray.cli.steal",
+    "aspkd_ray.cli.sweep",
 ]
 
 

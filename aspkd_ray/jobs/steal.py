@@ -71,8 +71,14 @@ def _pick_bought_val(classes: np.ndarray, per_class: int, seed: int) -> np.ndarr
     return np.sort(np.concatenate(picks))
 
 
-def run_steal(cfg: Config) -> dict:
-    """Run one attack as configured; write summary.json, plots and MLflow; return the summary."""
+def run_steal(cfg: Config, *, trial: str | None = None,
+              service_budget: int | None = None) -> dict:
+    """Run one attack as configured; write summary.json, plots and MLflow; return the summary.
+
+    In a sweep, `trial` names the Tune trial (capped by budget.per_trial) and
+    `service_budget` is the teacher service's global cap shared by all trials; a standalone
+    run owns its service and stops it at the end (its ledger stays).
+    """
     import mlflow
 
     from aspkd_ray.evaluation.oracle import EvaluationOracle
@@ -114,7 +120,8 @@ def run_steal(cfg: Config) -> dict:
         val_labels = None
         pool_budget = 0 if prompt_only else n
         if not prompt_only:
-            teacher = connect_teacher_service(cfg, num_classes, budget=n, ledger_uri=ledger)
+            teacher = connect_teacher_service(cfg, num_classes, budget=service_budget or n,
+                                              ledger_uri=ledger, trial=trial)
             if cfg.training.early_stopping == "bought_val":
                 # A teacher-labelled validation subset is paid for like any other label.
                 vb = _pick_bought_val(pool.classes_val, cfg.training.bought_val_per_class,
@@ -129,7 +136,8 @@ def run_steal(cfg: Config) -> dict:
         job = AttackJob(cfg=cfg, settings=settings, pool_ref=_put(pool),
                         ids=[str(i) for i in proxy.ids[tr]],
                         images_ref=_put(proxy.images[tr]), num_classes=num_classes,
-                        budget_total=n, ledger_uri=ledger, val_labels=val_labels)
+                        budget_total=service_budget or n, ledger_uri=ledger,
+                        val_labels=val_labels, trial=trial)
         rounds = run_attack(job, out / "ray_train")
         times["attack"] = time.time() - t
 
@@ -162,14 +170,20 @@ def run_steal(cfg: Config) -> dict:
                                 if len(p["idx"]) else float("nan"))
         times["evaluation"] = time.time() - t
 
-        status = teacher.status() if not prompt_only else {"spent": 0, "budget": 0}
+        calls_used = 0
+        if not prompt_only:
+            status = teacher.status()
+            calls_used = (status["trial_spent"].get(trial, 0) if trial is not None
+                          else status["spent"])
+            if trial is None:
+                teacher.shutdown()  # frees the name; the ledger keeps what was bought
         final = by_round[-1]["agreement"] if by_round else float("nan")
         filter_rates = [r.get("filter_rate") for r in by_round if "filter_rate" in r]
         summary = {
             "dataset": cfg.dataset.name,
             "agreement": final,
             "agreement_by_round": [r["agreement"] for r in by_round],
-            "calls_used": int(status["spent"]),
+            "calls_used": int(calls_used),
             "budget": n,
             "calls_per_class": n / num_classes,
             "rounds": by_round,

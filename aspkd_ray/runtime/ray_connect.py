@@ -20,25 +20,32 @@ def connect(address: str | None = None, namespace: str = "aspkd",
     import ray
 
     if not ray.is_initialized():
-        address = address or os.environ.get("RAY_ADDRESS")
-        mode = "cluster"
-        if address == "local":
-            mode = "embedded"
+        address = address or os.environ.get("RAY_ADDRESS") or local_head_address() or "local"
+        mode = "embedded" if address == "local" else "cluster"
+        if mode == "embedded":
             ray.init(address="local", namespace=namespace, num_cpus=num_cpus,
                      include_dashboard=False, log_to_driver=True,
                      object_store_memory=_object_store_bytes())
-        elif address:
-            ray.init(address=address, namespace=namespace, log_to_driver=True)
         else:
-            try:
-                ray.init(address="auto", namespace=namespace, log_to_driver=True)
-            except ConnectionError:
-                mode = "embedded"
-                ray.init(address="local", namespace=namespace, num_cpus=num_cpus,
-                         include_dashboard=False, log_to_driver=True,
-                         object_store_memory=_object_store_bytes())
+            ray.init(address=address, namespace=namespace, log_to_driver=True)
         log.info("Ray %s (%s)", mode, ray.get_runtime_context().gcs_address)
     return describe()
+
+
+def local_head_address() -> str | None:
+    """The address of a live `ray start` head on this machine, else None.
+
+    Unlike address="auto", this never joins another driver's embedded instance, and never
+    waits on a stale record left by a crashed head (measured: ray.init then retries forever).
+    """
+    try:
+        from ray._private.services import find_gcs_addresses
+        from ray._private.utils import read_ray_address
+
+        recorded = read_ray_address()
+        return recorded if recorded and recorded in find_gcs_addresses() else None
+    except Exception:  # private Ray helpers moved: fall back to an embedded instance
+        return None
 
 
 def use_local_token() -> None:

@@ -42,6 +42,7 @@ class AttackJob:
     budget_total: int
     ledger_uri: str
     val_labels: np.ndarray | None = None
+    trial: str | None = None     # Tune trial name (per-trial cap), None when standalone
 
 
 def _make_student(cfg: Config, num_classes: int, chans: int, size: int) -> torch.nn.Module:
@@ -98,7 +99,7 @@ def attack_worker(config: dict) -> None:
     buy = None
     if rank == 0:
         client = connect_teacher_service(job.cfg, job.num_classes, budget=job.budget_total,
-                                         ledger_uri=job.ledger_uri)
+                                         ledger_uri=job.ledger_uri, trial=job.trial)
         images = ray.get(job.images_ref)
 
         def buy(picks: np.ndarray) -> np.ndarray:
