@@ -12,13 +12,17 @@ from aspkd_ray.config import Config, flatten
 
 log = logging.getLogger(__name__)
 
+# The user's choice, read once: mlflow.set_tracking_uri() writes MLFLOW_TRACKING_URI into this
+# process's environment, and a second run would otherwise log into the first run's database.
+_USER_TRACKING_URI = os.environ.get("MLFLOW_TRACKING_URI")
+
 
 def tracking_uri(cfg: Config) -> str:
     """tracking.mlflow_uri, else MLFLOW_TRACKING_URI, else sqlite:///<output_dir>/mlflow.db."""
     if cfg.tracking.mlflow_uri:
         return cfg.tracking.mlflow_uri
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"]
+    if _USER_TRACKING_URI:
+        return _USER_TRACKING_URI
     db = Path(cfg.output_dir).resolve() / "mlflow.db"
     db.parent.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{db}"

@@ -97,7 +97,7 @@ def attack_worker(config: dict) -> None:
     pool.x, pool.x_val = pool.x.to(device), pool.x_val.to(device)
 
     buy = None
-    if rank == 0:
+    if rank == 0 and not job.settings.prompt_only:  # the baseline never touches the teacher
         client = connect_teacher_service(job.cfg, job.num_classes, budget=job.budget_total,
                                          ledger_uri=job.ledger_uri, trial=job.trial)
         images = ray.get(job.images_ref)
