@@ -1,0 +1,222 @@
+"""`aspkd train-generator`: train the embedded scenarios' class-conditional DDPM, resumably.
+
+The generator plays the part of a pre-trained Stable Diffusion: an artifact of the scenario
+(data set, resolution, training settings), cached and shared by every run and seed. So its
+training seed is fixed (GENERATOR_SEED) and its folder is keyed by those settings only; the
+proxy set's variety across `seed` comes from sampling.
+
+Resume: every `checkpoint_every` steps the UNet, its EMA, the optimiser and the RNG state go
+to `<folder>/checkpoint/state.pt` (atomically); a rerun continues from there and ends with
+the same weights as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from aspkd_ray.config import Config, config_hash
+from aspkd_ray.generation.ddpm import (
+    BETA_SCHEDULE,
+    INFO_FILE,
+    PREDICTION_TYPE,
+    build_unet,
+    is_ready,
+    read_info,
+    train_scheduler,
+)
+
+log = logging.getLogger(__name__)
+
+GENERATOR_SEED = 0
+EMA_DECAY = 0.995  # short runs: a ~200-step horizon keeps the average off the early weights
+LOG_EVERY = 50
+
+
+def _training_key(cfg: Config) -> dict:
+    t = cfg.generator.training
+    return {"dataset": cfg.dataset.name, "resolution": cfg.generator.resolution,
+            "steps": t.steps, "batch_size": t.batch_size, "lr": t.lr,
+            "block_channels": list(t.block_channels), "seed": GENERATOR_SEED,
+            "objective": f"{PREDICTION_TYPE}/{BETA_SCHEDULE}/ema{EMA_DECAY}"}
+
+
+def generator_dir(cfg: Config) -> Path:
+    """generator.model if set, else <cache_dir>/<dataset>/generator-<hash of its settings>."""
+    if cfg.generator.model:
+        return Path(cfg.generator.model)
+    key = config_hash(_training_key(cfg))[:10]
+    return Path(cfg.cache_dir) / cfg.dataset.name / f"generator-{key}"
+
+
+def _training_images(cfg: Config) -> tuple[torch.Tensor, torch.Tensor, tuple[str, ...]]:
+    """The scenario's generator data as floats in [-1, 1] at generator.resolution."""
+    from aspkd_ray.datasets import load_generator_data, to_tensor
+
+    data = load_generator_data(cfg.dataset.name)
+    chans = data.images.shape[-1]
+    x = to_tensor(data.images, cfg.generator.resolution, chans) * 2.0 - 1.0
+    return x, torch.from_numpy(data.labels).long(), data.class_names
+
+
+def _lr_factor(step: int, total: int) -> float:
+    """Linear warm-up, then cosine decay to 10% of the learning rate."""
+    warm = max(1, min(100, total // 10))
+    if step < warm:
+        return (step + 1) / warm
+    progress = (step - warm) / max(1, total - warm)
+    return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def _save_state(path: Path, state: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)  # atomic: an interruption never leaves half a checkpoint
+
+
+def train_generator(cfg: Config, progress: bool = True, *,
+                    max_steps: int | None = None) -> Path:
+    """Train (or resume training) the class-conditional DDPM; return its diffusers folder.
+
+    `max_steps` stops after that many steps in this call (time-sliced or preemptible
+    training); the next call resumes from the checkpoint it leaves.
+    """
+    if cfg.generator.kind != "ddpm":
+        raise ValueError(f"generator.kind: got {cfg.generator.kind!r}; train-generator trains "
+                         f"the embedded class-conditional DDPM (generator.kind=ddpm) only.")
+    if max_steps is not None and max_steps < 1:
+        raise ValueError(f"max_steps: got {max_steps}; expected a positive integer or None.")
+    folder = generator_dir(cfg)
+    if is_ready(folder):
+        log.info("generator already trained at %s", folder)
+        return folder
+    tcfg = cfg.generator.training
+    x, y, class_names = _training_images(cfg)
+    num_classes, chans = len(class_names), x.shape[1]
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(GENERATOR_SEED)
+    unet = build_unet(num_classes, chans, cfg.generator.resolution, tcfg.block_channels)
+    unet.to(device).train()
+    ema = {k: v.detach().clone() for k, v in unet.state_dict().items()}
+    opt = torch.optim.AdamW(unet.parameters(), lr=tcfg.lr, weight_decay=0.0)
+    noise_sched = train_scheduler()
+    rng = torch.Generator("cpu").manual_seed(GENERATOR_SEED)
+    step, losses, elapsed = 0, [], 0.0
+
+    state_path = folder / "checkpoint" / "state.pt"
+    key = _training_key(cfg)
+    if state_path.is_file():
+        state = torch.load(state_path, map_location="cpu", weights_only=False)
+        if state.get("key") != key:
+            raise ValueError(f"{state_path} was written with other training settings "
+                             f"({state.get('key')}); delete {folder} or set generator.model "
+                             f"to another folder.")
+        unet.load_state_dict(state["unet"])
+        ema = {k: v.to(device) for k, v in state["ema"].items()}
+        opt.load_state_dict(state["optimizer"])
+        rng.set_state(state["rng"])
+        step, losses, elapsed = state["step"], state["losses"], state["elapsed_s"]
+        log.info("resuming generator training at step %d/%d from %s", step, tcfg.steps,
+                 state_path)
+
+    def checkpoint() -> None:
+        _save_state(state_path, {"key": key, "step": step, "unet": unet.state_dict(),
+                                 "ema": ema, "optimizer": opt.state_dict(),
+                                 "rng": rng.get_state(), "losses": losses,
+                                 "elapsed_s": elapsed + time.time() - t0})
+
+    mlflow = _active_mlflow()
+    t0, first = time.time(), step
+    num_train = int(noise_sched.config.num_train_timesteps)
+    stop = tcfg.steps if max_steps is None else min(tcfg.steps, step + max_steps)
+    window: list[float] = []
+    while step < stop:
+        idx = torch.randint(0, len(x), (tcfg.batch_size,), generator=rng)
+        clean, labels = x[idx].to(device), y[idx].to(device)
+        noise = torch.randn(clean.shape, generator=rng).to(device)
+        t = torch.randint(0, num_train, (len(idx),), generator=rng).to(device)
+        noisy = noise_sched.add_noise(clean, noise, t)
+        for group in opt.param_groups:
+            group["lr"] = tcfg.lr * _lr_factor(step, tcfg.steps)
+        target = noise_sched.get_velocity(clean, noise, t)
+        loss = F.mse_loss(unet(noisy, t, class_labels=labels).sample, target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        decay = min(EMA_DECAY, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for k, v in unet.state_dict().items():
+                if v.dtype.is_floating_point:
+                    ema[k].mul_(decay).add_(v.detach(), alpha=1 - decay)
+                else:
+                    ema[k].copy_(v)
+        step += 1
+        window.append(loss.item())
+        if step % LOG_EVERY == 0 or step == stop:
+            mean = sum(window) / len(window)
+            losses.append([step, mean])
+            window = []
+            if progress:
+                log.info("generator step %d/%d loss %.4f (%.2f s/step)", step, tcfg.steps,
+                         mean, (time.time() - t0) / (step - first))
+            if mlflow is not None:
+                mlflow.log_metric("generator_loss", mean, step=step)
+        if step % tcfg.checkpoint_every == 0 and step < tcfg.steps:
+            checkpoint()
+
+    if step < tcfg.steps:  # stopped early by max_steps: leave a checkpoint to resume from
+        checkpoint()
+        return folder
+    unet.load_state_dict(ema)
+    folder.mkdir(parents=True, exist_ok=True)
+    # Marked incomplete until every file is written: a crash mid-save is never "ready".
+    (folder / INFO_FILE).write_text(json.dumps({"complete": False}))
+    _save_pipeline(folder, unet.cpu(), noise_sched)
+    info = {"complete": True, "kind": "ddpm", "dataset": cfg.dataset.name,
+            "class_names": list(class_names), "channels": int(chans),
+            "resolution": cfg.generator.resolution, "training": key,
+            "train_images": len(x), "final_loss": losses[-1][1] if losses else None,
+            "losses": losses, "wall_time_s": round(elapsed + time.time() - t0, 1)}
+    (folder / INFO_FILE).write_text(json.dumps(info, indent=2))
+    shutil.rmtree(folder / "checkpoint", ignore_errors=True)
+    log.info("generator trained in %.0f s: %s", info["wall_time_s"], folder)
+    return folder
+
+
+def _save_pipeline(folder: Path, unet, scheduler) -> None:
+    from diffusers import DDPMPipeline
+
+    folder.mkdir(parents=True, exist_ok=True)
+    DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(folder)
+
+
+def _active_mlflow():
+    try:
+        import mlflow
+    except ImportError:  # pragma: no cover - mlflow is a dependency
+        return None
+    return mlflow if mlflow.active_run() is not None else None
+
+
+def ensure_generator(cfg: Config) -> Path:
+    """The trained generator's folder: trained now only if it is not there yet."""
+    folder = generator_dir(cfg)
+    if is_ready(folder):
+        return folder
+    if cfg.generator.kind != "ddpm":
+        raise FileNotFoundError(f"generator.model {folder} is not a diffusers pipeline folder.")
+    log.info("training the %s generator (cached at %s)", cfg.dataset.name, folder)
+    return train_generator(cfg)
+
+
+__all__ = ["GENERATOR_SEED", "ensure_generator", "generator_dir", "read_info",
+           "train_generator"]
