@@ -4,13 +4,33 @@ import pytest
 
 from aspkd_ray.config import ConfigError, from_dict, load, num_rounds, total_budget
 
-CONFIGS = sorted(Path(__file__).resolve().parents[1].joinpath("tune_configs").glob("*.yaml"))
+ALL = sorted(Path(__file__).resolve().parents[1].joinpath("tune_configs").rglob("*.yaml"))
+CONFIGS = [p for p in ALL if not p.name.startswith("sweep-")]
+SWEEPS = [p for p in ALL if p.name.startswith("sweep-")]
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_shipped_configs_load(path):
     cfg = load(path)
     assert cfg.dataset.name
+
+
+@pytest.mark.parametrize("path", SWEEPS, ids=lambda p: p.name)
+def test_shipped_sweeps_load(path):
+    from aspkd_ray.sweep.tune import load_sweep
+
+    spec = load_sweep(path)
+    assert spec.space and spec.num_trials() >= 1
+
+
+def test_sweep_with_a_bad_key_is_rejected(tmp_path):
+    from aspkd_ray.sweep.tune import load_sweep
+
+    (tmp_path / "base.yaml").write_text("seed: 1\n")
+    (tmp_path / "s.yaml").write_text("base: base.yaml\nsweep:\n  space:\n"
+                                     "    aspkd.sigmaa: {grid: [1, 2]}\n")
+    with pytest.raises(ConfigError, match="aspkd.sigmaa"):
+        load_sweep(tmp_path / "s.yaml")
 
 
 def test_overrides_apply_with_yaml_types():
