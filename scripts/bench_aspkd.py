@@ -42,8 +42,13 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], dest="overrides")
     args = ap.parse_args()
 
-    results: dict = {"calls_per_class": args.calls_per_class, "runs": []}
     out_json = ROOT / "scripts" / "results" / "aspkd.json"
+    results: dict = {"calls_per_class": args.calls_per_class, "runs": []}
+    if out_json.exists():  # resume: keep finished runs of the same budget
+        old = json.loads(out_json.read_text())
+        if old.get("calls_per_class") == args.calls_per_class:
+            results["runs"] = old["runs"]
+    done = {(r["scenario"], r["method"], r["seed"]) for r in results["runs"]}
     for scenario in args.scenarios:
         base = load(ROOT / "tune_configs" / f"{scenario}.yaml",
                     [f"cache_dir={args.cache_dir}",
@@ -54,6 +59,8 @@ def main() -> None:
                  f"budget.calls_per_class={args.calls_per_class}", *args.overrides]
         for seed in args.seeds:
             for method in args.methods:
+                if (scenario, method, seed) in done:
+                    continue
                 name = f"{scenario}-{method}-s{seed}"
                 cfg = load(ROOT / "tune_configs" / f"{scenario}.yaml",
                            fixed + METHODS[method] + [f"seed={seed}",
@@ -70,8 +77,9 @@ def main() -> None:
                        "wall_s": round(time.time() - t0, 1)}
                 print(json.dumps(row), flush=True)
                 results["runs"].append(row)
-                results["config"] = dataclasses.asdict(cfg)
+                results.setdefault("config", {})[scenario] = dataclasses.asdict(cfg)
                 out_json.write_text(json.dumps(results, indent=2))  # nothing lost on a crash
+                write_markdown(results, out_json.with_suffix(".md"))
     write_markdown(results, out_json.with_suffix(".md"))
 
 

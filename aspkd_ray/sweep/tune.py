@@ -165,6 +165,12 @@ def run_sweep(spec: SweepSpec, output_dir: str | Path) -> list[dict]:
     spec.overrides = spec.overrides + [f"budget.per_trial={n}",
                                        "ray.teacher_service="
                                        f"{base_cfg.ray.teacher_service}-sweep"]
+    # The shared teacher service is started here, by the driver, so it outlives every trial.
+    from aspkd_ray.teacher import connect_teacher_service
+
+    service_cfg = from_dict(spec.base, spec.overrides + [
+        f"output_dir={json.dumps(str(root))}", f"budget.ledger={json.dumps(str(root / 'ledger'))}"])
+    connect_teacher_service(service_cfg, num_classes, budget=service_budget)
     resources = ray.cluster_resources()
     gpus, cpus = resources.get("GPU", 0.0), resources.get("CPU", 1.0)
     concurrent = spec.max_concurrent_trials or max(

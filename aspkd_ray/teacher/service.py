@@ -269,11 +269,14 @@ class TeacherClient:
 
 def _get_or_create(cfg: Config, num_classes: int, budget: int, ledger_uri: str):
     import ray
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     actor = ray.remote(TeacherService).options(
         name=cfg.ray.teacher_service, namespace=cfg.ray.namespace, get_if_exists=True,
         max_restarts=-1, max_task_retries=TASK_RETRIES, num_cpus=ACTOR_CPUS,
-        max_concurrency=ACTOR_CONCURRENCY)
+        max_concurrency=ACTOR_CONCURRENCY,
+        # Shared by every trial: never placed inside the calling Tune trial's placement group.
+        scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None))
     handle = actor.remote(cfg, num_classes, budget, ledger_uri)
     try:
         info = ray.get(handle.describe.remote())
