@@ -101,10 +101,6 @@ def bought_targets(labels: np.ndarray, output: str) -> torch.Tensor:
     return torch.as_tensor(labels, dtype=torch.float32)
 
 
-def hard_as_onehot(targets: torch.Tensor, num_classes: int) -> torch.Tensor:
-    return torch.nn.functional.one_hot(targets, num_classes).float()
-
-
 def _validator(pool: ProxyPool, val_labels: np.ndarray | None) -> Callable[[nn.Module], float]:
     """Early stopping signal within the budget: accuracy against generation classes on the
     proxy validation split, or agreement with bought validation labels when given."""
@@ -125,7 +121,6 @@ def run_rounds(student: nn.Module, pool: ProxyPool, s: RoundSettings,
     comm = comm or Comm()
     state = state or AttackState()
     validate = _validator(pool, val_labels)
-    rng = np.random.default_rng(s.seed)
     n = len(pool.classes)
 
     if s.prompt_only:  # the paper's "conventional" baseline: no teacher at all
