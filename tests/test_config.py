@@ -90,3 +90,15 @@ def test_yaml_exponent_without_dot_is_a_number(tmp_path):
     p = tmp_path / "c.yaml"
     p.write_text("training:\n  lr: 6e-4\n")  # PyYAML reads this as a string
     assert load(p).training.lr == 6e-4
+
+
+def test_relative_paths_become_absolute(tmp_path, monkeypatch):
+    # Ray workers run in other directories: every local path must be absolute after loading.
+    monkeypatch.chdir(tmp_path)
+    cfg = from_dict({}, ["cache_dir=.cache", "output_dir=runs/x", "budget.ledger=led",
+                         "generator.model=some-org/some-model"])
+    assert cfg.cache_dir == str(tmp_path / ".cache")
+    assert cfg.output_dir == str(tmp_path / "runs" / "x")
+    assert cfg.budget.ledger == str(tmp_path / "led")
+    assert cfg.generator.model == "some-org/some-model"  # a hub id stays as it is
+    assert from_dict({}, ["budget.ledger=s3://b/l"]).budget.ledger == "s3://b/l"

@@ -9,6 +9,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import types
 import typing
 from pathlib import Path
@@ -179,6 +180,30 @@ def _cross_validate(cfg: Config) -> None:
                           "bought_val; expected >= 1 (these calls are charged to the budget).")
 
 
+def _absolute(path: str | None) -> str | None:
+    if path is None or "://" in path:
+        return path
+    return os.path.abspath(os.path.expanduser(path))
+
+
+def absolute_paths(cfg: Config) -> Config:
+    """Relative paths made absolute against this process's working directory, so Ray
+    workers (which run elsewhere) read and write the same files."""
+    from dataclasses import replace
+
+    model = cfg.generator.model
+    if model and os.path.exists(os.path.expanduser(model)):  # a local folder, not a hub id
+        model = _absolute(model)
+    return replace(
+        cfg, output_dir=_absolute(cfg.output_dir), cache_dir=_absolute(cfg.cache_dir),
+        dataset=replace(cfg.dataset, root=_absolute(cfg.dataset.root)),
+        victim=replace(cfg.victim, checkpoint=_absolute(cfg.victim.checkpoint)),
+        generator=replace(cfg.generator, model=model),
+        proxy=replace(cfg.proxy, dir=_absolute(cfg.proxy.dir)),
+        student=replace(cfg.student, init_checkpoint=_absolute(cfg.student.init_checkpoint)),
+        budget=replace(cfg.budget, ledger=_absolute(cfg.budget.ledger)))
+
+
 def from_dict(data: dict[str, Any] | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Build a validated Config from a plain dict and `dotted.key=value` overrides."""
     data = json.loads(json.dumps(data or {}))  # deep copy, plain types
@@ -187,7 +212,7 @@ def from_dict(data: dict[str, Any] | None, overrides: list[str] | tuple[str, ...
         _set_dotted(data, key, value)
     cfg = _build(Config, data, "")
     _cross_validate(cfg)
-    return cfg
+    return absolute_paths(cfg)
 
 
 def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),

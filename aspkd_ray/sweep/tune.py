@@ -162,7 +162,15 @@ def run_sweep(spec: SweepSpec, output_dir: str | Path) -> list[dict]:
     num_classes = len(load_proxy_set(root / "proxy").class_names)
     n = total_budget(base_cfg, num_classes)
     service_budget = spec.global_budget or n * max(spec.num_trials(), 1)
-    spec.overrides = spec.overrides + [f"budget.per_trial={n}",
+    # Trials run in other working directories: pin every path to what the driver resolved.
+    pinned = [f"cache_dir={json.dumps(base_cfg.cache_dir)}"]
+    for key, value in (("dataset.root", base_cfg.dataset.root),
+                       ("victim.checkpoint", base_cfg.victim.checkpoint),
+                       ("student.init_checkpoint", base_cfg.student.init_checkpoint),
+                       ("generator.model", base_cfg.generator.model)):
+        if value is not None:
+            pinned.append(f"{key}={json.dumps(value)}")
+    spec.overrides = spec.overrides + pinned + [f"budget.per_trial={n}",
                                        "ray.teacher_service="
                                        f"{base_cfg.ray.teacher_service}-sweep"]
     # The shared teacher service is started here, by the driver, so it outlives every trial.
