@@ -116,8 +116,12 @@ def test_ray_generation_end_to_end_deterministic_and_resumable(ray_session, tiny
     assert len(set(_rows(out)[0])) == 10
     assert not list(proxy.glob("*.tmp"))
 
-    # A finished set is returned as is; another config never mixes into it.
+    # A finished set is returned as is (wherever proxy.dir points from); another config
+    # never mixes into it.
     assert generate_proxy(cfg, out)["config_hash"] == manifest["config_hash"]
+    shared = _cfg(cache, proxy={"per_class": None, "total": 10, "val_fraction": 0.2,
+                                "dir": str(out)})
+    assert generate_proxy(shared, out)["config_hash"] == manifest["config_hash"]
     with pytest.raises(ValueError, match="another config"):
         generate_proxy(_cfg(cache, seed=2), out)
 

@@ -22,20 +22,26 @@ def register(sub) -> None:
     p = sub.add_parser("generate", help="generate the proxy data set with Ray Data",
                        description="Generate the proxy set (m images, classes and prompt "
                                    "templates drawn as in Algorithm 1) on Ray Data generator "
-                                   "actors into OUTPUT_DIR/proxy/ as Parquet plus "
-                                   "_manifest.json. An interrupted run resumes where it "
+                                   "actors into <proxy.dir or OUTPUT_DIR>/proxy/ as Parquet "
+                                   "plus _manifest.json. An interrupted run resumes where it "
                                    "stopped. Trains the embedded DDPM first if needed.")
     add_common(p)
     p.set_defaults(func=run_generate)
 
     p = sub.add_parser("show-proxy", help="write a PNG grid of proxy samples per class",
                        description="Write a grid of proxy images, one row per class, from "
-                                   "OUTPUT_DIR/proxy (like the paper's Figure 2).")
+                                   "<proxy.dir or OUTPUT_DIR>/proxy (like the paper's "
+                                   "Figure 2).")
     add_common(p)
     p.add_argument("--per-class", type=int, default=8, help="images per class (default 8)")
     p.add_argument("--out", metavar="PATH", default=None,
                    help="PNG to write (default OUTPUT_DIR/proxy_grid.png)")
     p.set_defaults(func=run_show)
+
+
+def proxy_root(cfg) -> Path:
+    """The folder holding proxy/: proxy.dir (shared by runs and sweeps), else output_dir."""
+    return Path(cfg.proxy.dir or cfg.output_dir)
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -64,7 +70,7 @@ def run_generate(args: argparse.Namespace) -> int:
     from aspkd_ray.tracking import mlflow_run
 
     cfg = load_config(args)
-    out = Path(cfg.output_dir)
+    out = proxy_root(cfg)
     if cfg.generator.kind == "ddpm":
         ensure_generator(cfg)
     connect(cfg.ray.address, cfg.ray.namespace)
@@ -87,6 +93,6 @@ def run_show(args: argparse.Namespace) -> int:
 
     cfg = load_config(args)
     out = Path(args.out) if args.out else Path(cfg.output_dir) / "proxy_grid.png"
-    path = show_proxy_grid(Path(cfg.output_dir) / "proxy", out, per_class=args.per_class)
+    path = show_proxy_grid(proxy_root(cfg) / "proxy", out, per_class=args.per_class)
     print(f"wrote {path}")
     return 0

@@ -113,9 +113,11 @@ def plan_pool(cfg: Config) -> WorkerPlan:
 
 def proxy_config_hash(cfg: Config, plan: SamplePlan, size: int, channels: int) -> str:
     """What fixes the proxy set's content (not batch sizes or Ray settings)."""
-    g = cfg.generator
+    g, p = cfg.generator, cfg.proxy
+    proxy = {"per_class": p.per_class, "total": p.total, "balanced": p.balanced,
+             "val_fraction": p.val_fraction}  # not proxy.dir: where it lives is no content
     return config_hash({"generator": plan.generator, "kind": g.kind, "templates": g.templates,
-                        "proxy": dataclasses.asdict(cfg.proxy), "seed": cfg.seed,
+                        "proxy": proxy, "seed": cfg.seed,
                         "dataset": cfg.dataset.name, "size": size, "channels": channels,
                         "class_names": list(plan.class_names)})
 
@@ -274,6 +276,42 @@ def _manifest(cfg: Config, plan: SamplePlan, chash: str, size: int, channels: in
     }
 
 
+def _open_plan(cfg: Config, proxy_dir: Path, shard_size: int | None, size: int,
+               channels: int) -> tuple[SamplePlan, str]:
+    """The plan, with the shard size recorded by the folder's first run; refuses a folder
+    that holds another config's proxy set."""
+    plan_file = proxy_dir / store.PLAN
+    record = json.loads(plan_file.read_text()) if plan_file.is_file() else None
+    if record is not None:
+        shard_size = record["shard_size"]
+    plan = make_plan(cfg, class_names_for(cfg), shard_size)
+    chash = proxy_config_hash(cfg, plan, size, channels)
+    if record is None:
+        store.write_json(plan_file, {"config_hash": chash, "shard_size": plan.shard_size,
+                                     "num_samples": len(plan), "generator": plan.generator})
+    elif record["config_hash"] != chash:
+        raise ValueError(f"{proxy_dir} holds a proxy set of another config (hash "
+                         f"{record['config_hash']}, this one {chash}); use another "
+                         f"--output-dir or delete {proxy_dir}.")
+    return plan, chash
+
+
+def _pending_shards(plan: SamplePlan, proxy_dir: Path) -> list[int]:
+    """Shards still to generate: missing, or not matching the plan (then removed)."""
+    for tmp in proxy_dir.glob("*.tmp"):  # left by an interrupted write
+        tmp.unlink()
+    pending = []
+    for k in range(plan.num_shards):
+        path = store.shard_path(proxy_dir, k)
+        if path.exists():
+            if store.read_shard_ids(path) == plan.sample_id[plan.shard_slice(k)].tolist():
+                continue
+            log.warning("shard %s does not match the plan; regenerating it", path.name)
+            path.unlink()
+        pending.append(k)
+    return pending
+
+
 def generate_proxy(cfg: Config, out_dir: str | Path, *, shard_size: int | None = None,
                    executor: str = "ray") -> dict:
     """Generate (or finish) the proxy set in `out_dir/proxy/`; return its manifest.
@@ -290,37 +328,14 @@ def generate_proxy(cfg: Config, out_dir: str | Path, *, shard_size: int | None =
     proxy_dir = Path(out_dir) / "proxy"
     proxy_dir.mkdir(parents=True, exist_ok=True)
     size, channels = input_shape(cfg)
-    names = class_names_for(cfg)
-    plan_file = proxy_dir / store.PLAN
-    record = json.loads(plan_file.read_text()) if plan_file.is_file() else None
-    if record is not None:
-        shard_size = record["shard_size"]
-    plan = make_plan(cfg, names, shard_size)
-    chash = proxy_config_hash(cfg, plan, size, channels)
-    if record is not None and record["config_hash"] != chash:
-        raise ValueError(f"{proxy_dir} holds a proxy set of another config (hash "
-                         f"{record['config_hash']}, this one {chash}); use another "
-                         f"--output-dir or delete {proxy_dir}.")
-    if record is None:
-        store.write_json(plan_file, {"config_hash": chash, "shard_size": plan.shard_size,
-                                     "num_samples": len(plan), "generator": plan.generator})
-    for tmp in proxy_dir.glob("*.tmp"):  # left by an interrupted write
-        tmp.unlink()
-
-    pending = []
-    for k in range(plan.num_shards):
-        path = store.shard_path(proxy_dir, k)
-        if path.exists():
-            if store.read_shard_ids(path) == plan.sample_id[plan.shard_slice(k)].tolist():
-                continue
-            log.warning("shard %s does not match the plan; regenerating it", path.name)
-            path.unlink()
-        pending.append(k)
+    plan, chash = _open_plan(cfg, proxy_dir, shard_size, size, channels)
+    pending = _pending_shards(plan, proxy_dir)
+    manifest_path = proxy_dir / store.MANIFEST
     if pending:
-        (proxy_dir / store.MANIFEST).unlink(missing_ok=True)
+        manifest_path.unlink(missing_ok=True)
         log.info("proxy set: %d images in %d shards, %d to generate (%s)", len(plan),
                  plan.num_shards, len(pending), plan.generator)
-        ctor = {"cfg": _resolved(cfg), "class_names": names, "image_size": size,
+        ctor = {"cfg": _resolved(cfg), "class_names": plan.class_names, "image_size": size,
                 "channels": channels, "generator": plan.generator}
         blocks = _blocks(plan, pending, cfg.generator.batch_size)
         writer = _ShardWriter(plan, proxy_dir, pending)
@@ -329,12 +344,12 @@ def generate_proxy(cfg: Config, out_dir: str | Path, *, shard_size: int | None =
         else:
             _run_local(blocks, writer, ctor)
         writer.check_done()
-    manifest_path = proxy_dir / store.MANIFEST
     _verify(plan, proxy_dir)
     if not pending and manifest_path.is_file():
         return json.loads(manifest_path.read_text())
     manifest = _manifest(cfg, plan, chash, size, channels)
     generated = sum(plan.shard_slice(k).stop - plan.shard_slice(k).start for k in pending)
-    manifest["run"] = {"generated": int(generated), "wall_time_s": round(time.time() - t0, 2), "executor": executor}
+    manifest["run"] = {"generated": int(generated), "wall_time_s": round(time.time() - t0, 2),
+                       "executor": executor}
     store.write_json(manifest_path, manifest)
     return manifest
