@@ -24,8 +24,13 @@ from aspkd_ray.jobs.steal import ensure_victim, run_steal
 from aspkd_ray.victim.train import victim_checkpoint_dir
 
 METHODS = {
-    "aspkd": [],
-    "vanilla": ["aspkd.active=false", "aspkd.self_paced=false"],
+    "aspkd": [],                                             # as the scenario's config says
+    "aspkd_scratch": ["student.pretrain=none"],              # ablation: no init step
+    # Knockoff-style: random picks, bought labels only, the student from its default init
+    "vanilla": ["aspkd.active=false", "aspkd.self_paced=false", "student.pretrain=none"],
+    # the same, from the same pre-trained init as aspkd
+    "vanilla_pretrained": ["aspkd.active=false", "aspkd.self_paced=false",
+                           "student.pretrain=proxy_prompts"],
     "prompt_only": ["aspkd.baseline=prompt_only"],
 }
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,15 +39,17 @@ ROOT = Path(__file__).resolve().parents[1]
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--scenarios", nargs="+", default=["digits", "digits-xdomain"])
-    ap.add_argument("--methods", nargs="+", default=list(METHODS))
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--calls-per-class", type=int, default=8)
     ap.add_argument("--cache-dir", default=str(ROOT / ".aspkd_cache"))
     ap.add_argument("--out", default=str(ROOT / "runs" / "bench-aspkd"))
     ap.add_argument("--set", action="append", default=[], dest="overrides")
+    ap.add_argument("--results", default="aspkd",
+                    help="write scripts/results/<name>.json and .md (resumes from them)")
     args = ap.parse_args()
 
-    out_json = ROOT / "scripts" / "results" / "aspkd.json"
+    out_json = ROOT / "scripts" / "results" / f"{args.results}.json"
     results: dict = {"calls_per_class": args.calls_per_class, "runs": []}
     if out_json.exists():  # resume: keep finished runs of the same budget
         old = json.loads(out_json.read_text())
@@ -62,9 +69,9 @@ def main() -> None:
                 if (scenario, method, seed) in done:
                     continue
                 name = f"{scenario}-{method}-s{seed}"
+                run_dir = Path(args.out) / args.results / name
                 cfg = load(ROOT / "tune_configs" / f"{scenario}.yaml",
-                           fixed + METHODS[method] + [f"seed={seed}",
-                                                      f"output_dir={Path(args.out) / name}",
+                           fixed + METHODS[method] + [f"seed={seed}", f"output_dir={run_dir}",
                                                       f"ray.teacher_service=bench-{name}"])
                 t0 = time.time()
                 summary = run_steal(cfg)

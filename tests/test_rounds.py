@@ -138,3 +138,28 @@ def test_resume_continues_where_it_stopped(pool):
     np.testing.assert_array_equal(np.sort(resumed.bought_idx[:13]),
                                   np.sort(full.bought_idx[:13]))
     assert resumed.round == 3 and len(resumed.bought_idx) == 40
+
+
+def test_pretrain_fits_generation_classes_before_round_one_and_only_once(pool, monkeypatch):
+    p, truth = pool
+    fits = []
+    real_fit = rounds_mod.fit
+
+    def spy(model, x, targets, cfg, **kw):
+        fits.append((len(x), targets.dtype))
+        return real_fit(model, x, targets, cfg, **kw)
+
+    monkeypatch.setattr(rounds_mod, "fit", spy)
+    teacher = FakeTeacher(truth, "soft")
+    state = run_rounds(_student(), p, _settings(pretrain=True), teacher)
+    # the init step sees the whole pool with generation classes (ints), then the rounds run
+    assert fits[0] == (len(p.x), torch.int64)
+    assert state.pretrain is not None and state.pretrain["epochs"] == 1
+    assert teacher.calls == 40 and len(fits) == 1 + 2 * 3
+    # a resumed run (state after round 1) does not pre-train again
+    fits.clear()
+    state.round, state.bought_idx = 1, state.bought_idx[:13]
+    state.bought_labels = state.bought_labels[:13]
+    run_rounds(_student(), p, _settings(pretrain=True), FakeTeacher(truth, "soft"),
+               state=state)
+    assert len(fits) == 2 * 2 and fits[0][1] == torch.float32

@@ -60,6 +60,7 @@ class RoundSettings:
     flip: bool = False
     seed: int = 0
     prompt_only: bool = False    # baseline: generation classes as labels, no calls
+    pretrain: bool = False       # init: pre-train on generation classes before round 1
 
     @property
     def knn_distance(self) -> str:
@@ -80,6 +81,7 @@ class AttackState:
     bought_labels: np.ndarray | None = None          # N_b x C floats (soft) or N_b ints
     history: list[dict] = field(default_factory=list)
     pseudo: list[dict] = field(default_factory=list)  # per round: pool idx and classes
+    pretrain: dict | None = None                     # the init step's fit, once done
 
 
 class Comm:
@@ -123,16 +125,26 @@ def run_rounds(student: nn.Module, pool: ProxyPool, s: RoundSettings,
     validate = _validator(pool, val_labels)
     n = len(pool.classes)
 
-    if s.prompt_only:  # the paper's "conventional" baseline: no teacher at all
+    def fit_prompt_labels():
         targets = torch.as_tensor(pool.classes, dtype=torch.long)
-        res = fit(student, pool.x, targets, s.training, validate=validate, flip=s.flip,
-                  seed=s.seed, rank=comm.rank, world_size=comm.world_size)
+        return fit(student, pool.x, targets, s.training, validate=validate, flip=s.flip,
+                   seed=s.seed, rank=comm.rank, world_size=comm.world_size)
+
+    if s.prompt_only:  # the paper's "conventional" baseline: no teacher at all
+        res = fit_prompt_labels()
         state.round = 1
         state.history.append({"round": 0, "bought": 0, "val_score": res.best_score,
                               "epochs": res.epochs_run, "train_size": n})
         if on_round:
             on_round(state, student)
         return state
+
+    # 2. init: the paper starts from a pre-trained student; generation classes are free
+    # labels, so pre-training on them gives round 1 a latent space worth selecting in.
+    if s.pretrain and state.round == 0 and getattr(state, "pretrain", None) is None:
+        res = fit_prompt_labels()
+        state.pretrain = {"val_score": res.best_score, "epochs": res.epochs_run}
+        log.info("init: pre-trained on generation classes, %s", state.pretrain)
 
     for r in range(state.round, s.rounds):
         t0 = time.time()

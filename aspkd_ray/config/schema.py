@@ -113,6 +113,9 @@ class ProxyConfig:
 class StudentConfig:
     architecture: str = _f("digits_cnn_small")
     init_checkpoint: str | None = _f(None, doc="e.g. a Tiny ImageNet pre-trained student")
+    pretrain: str = _f("none", choices=("none", "proxy_prompts"),
+                       doc="Algorithm 1's init step: proxy_prompts pre-trains the student on "
+                           "the proxy set with generation classes as labels (no calls)")
 
 
 @dataclass

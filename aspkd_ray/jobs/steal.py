@@ -61,7 +61,8 @@ def round_settings(cfg: Config, num_classes: int, budget: int, flip: bool) -> Ro
         self_paced=a.self_paced, sigma=a.sigma, sigma_mode=a.sigma_mode, k=a.k,
         distance=a.distance, generation_class_filter=a.generation_class_filter,
         centroids=a.centroids, flip=flip, seed=cfg.seed,
-        prompt_only=a.baseline == "prompt_only")
+        prompt_only=a.baseline == "prompt_only",
+        pretrain=cfg.student.pretrain == "proxy_prompts")
 
 
 def _pick_bought_val(classes: np.ndarray, per_class: int, seed: int) -> np.ndarray:
