@@ -163,3 +163,59 @@ def test_pretrain_fits_generation_classes_before_round_one_and_only_once(pool, m
     run_rounds(_student(), p, _settings(pretrain=True), FakeTeacher(truth, "soft"),
                state=state)
     assert len(fits) == 2 * 2 and fits[0][1] == torch.float32
+
+
+def _run(pool_fixture, monkeypatch, output):
+    p, truth = pool_fixture
+    fits, knn_refs = [], []
+    real_fit, real_knn = rounds_mod.fit, rounds_mod.knn_pseudo_labels
+
+    def fit_spy(model, x, targets, cfg, **kw):
+        fits.append((targets.clone(), kw.get("class_weights")))
+        return real_fit(model, x, targets, cfg, **kw)
+
+    def knn_spy(query, reference, labels, **kw):
+        knn_refs.append(np.array(labels))
+        return real_knn(query, reference, labels, **kw)
+
+    monkeypatch.setattr(rounds_mod, "fit", fit_spy)
+    monkeypatch.setattr(rounds_mod, "knn_pseudo_labels", knn_spy)
+    teacher = BiasedTeacher(truth, output)
+    state = rounds_mod.run_rounds(_student(), p, _settings(output=output,
+                                                           prior_correction=True), teacher)
+    return state, fits, knn_refs
+
+
+class BiasedTeacher:
+    """Soft: mostly class 8 with the true class second; hard: class 8 for 3 of 4 images."""
+
+    def __init__(self, truth, output):
+        self.truth, self.output = truth, output
+
+    def __call__(self, picks):
+        t = self.truth[picks]
+        if self.output == "hard":
+            return np.where(np.arange(len(picks)) % 4 == 0, t, 8).astype(np.int64)
+        q = np.full((len(picks), 10), 0.01, dtype=np.float32)
+        q[np.arange(len(picks)), t] += 0.2
+        q[:, 8] += 0.7
+        return q / q.sum(1, keepdims=True)
+
+
+def test_prior_correction_soft_rounds_train_and_label_with_corrected_answers(pool, monkeypatch):
+    state, fits, knn_refs = _run(pool, monkeypatch, "soft")
+    truth_bought = pool[1][state.bought_idx]
+    # the state keeps what the teacher said; training and kNN see the corrected labels
+    assert (state.bought_labels.argmax(1) == 8).mean() > 0.8
+    first_targets = fits[0][0]
+    assert (first_targets.argmax(1).numpy() == truth_bought[:len(first_targets)]).mean() > 0.9
+    assert (knn_refs[-1].argmax(1) == truth_bought).mean() > 0.9
+    assert all(w is None for _, w in fits)
+
+
+def test_prior_correction_hard_rounds_use_class_weights_and_ints_only(pool, monkeypatch):
+    state, fits, _ = _run(pool, monkeypatch, "hard")
+    assert state.bought_labels.dtype == np.int64
+    for targets, weights in fits:
+        assert targets.dtype == torch.int64
+        assert weights is not None and weights[8] < weights[[c for c in range(10) if c != 8]].min()

@@ -22,11 +22,13 @@ from aspkd_ray.datasets.tensors import augment
 log = logging.getLogger(__name__)
 
 
-def distillation_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy with a teacher distribution (N x C floats) or class ids (N ints)."""
+def distillation_loss(logits: torch.Tensor, targets: torch.Tensor,
+                      class_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Cross-entropy with a teacher distribution (N x C floats) or class ids (N ints);
+    `class_weights` (C) weighs hard targets by class."""
     if targets.dtype.is_floating_point:
         return -(targets * F.log_softmax(logits, dim=1)).sum(1).mean()
-    return F.cross_entropy(logits, targets)
+    return F.cross_entropy(logits, targets, weight=class_weights)
 
 
 def make_optimizer(params, cfg: TrainingConfig) -> torch.optim.Optimizer:
@@ -80,6 +82,7 @@ class FitResult:
 def fit(model: nn.Module, x: torch.Tensor, targets: torch.Tensor, cfg: TrainingConfig, *,
         validate: Callable[[nn.Module], float] | None = None, flip: bool = False,
         seed: int = 0, rank: int = 0, world_size: int = 1,
+        class_weights: torch.Tensor | None = None,
         on_epoch: Callable[[dict], None] | None = None) -> FitResult:
     """Train `model` on (x, targets) with Adam/StepLR and early stopping.
 
@@ -87,11 +90,14 @@ def fit(model: nn.Module, x: torch.Tensor, targets: torch.Tensor, cfg: TrainingC
     deep-copied and restored at the end (the authors' code kept a reference to the live
     weights and so restored nothing). With `world_size > 1` each rank trains on its own
     shard of every epoch's permutation; `model` is then DDP-wrapped so gradients are shared.
+    `class_weights` weighs hard targets by class (the teacher prior correction).
     """
     net = getattr(model, "module", model)
     device = next(net.parameters()).device
     opt = make_optimizer(model.parameters(), cfg)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=cfg.step_size, gamma=cfg.gamma)
+    if class_weights is not None:
+        class_weights = class_weights.to(device)
     gen = torch.Generator().manual_seed(seed)
     aug_gen = torch.Generator().manual_seed(seed + 1)
     use_es = validate is not None and cfg.early_stopping != "none"
@@ -111,7 +117,8 @@ def fit(model: nn.Module, x: torch.Tensor, targets: torch.Tensor, cfg: TrainingC
             xb = x[idx]
             if cfg.augment:
                 xb = augment(xb, aug_gen, flip=flip)
-            loss = distillation_loss(model(xb.to(device)), targets[idx].to(device))
+            loss = distillation_loss(model(xb.to(device)), targets[idx].to(device),
+                                     class_weights)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from aspkd_ray.aspkd.distill import accuracy, embed, fit, predict_logits
+from aspkd_ray.aspkd.prior import class_weights, correct_soft_labels, teacher_prior
 from aspkd_ray.aspkd.pseudo_labels import knn_pseudo_labels
 from aspkd_ray.aspkd.selection import active_select, random_select
 from aspkd_ray.config import TrainingConfig
@@ -61,6 +62,7 @@ class RoundSettings:
     seed: int = 0
     prompt_only: bool = False    # baseline: generation classes as labels, no calls
     pretrain: bool = False       # init: pre-train on generation classes before round 1
+    prior_correction: bool = False  # divide out the teacher's class prior (aspkd/prior.py)
 
     @property
     def knn_distance(self) -> str:
@@ -178,11 +180,19 @@ def run_rounds(student: nn.Module, pool: ProxyPool, s: RoundSettings,
         state.bought_idx, state.bought_labels = comm.broadcast(
             (state.bought_idx, state.bought_labels))
 
-        # c. distil on X'
-        y_bought = bought_targets(state.bought_labels, s.output)
+        # c. distil on X' (teacher labels, prior-corrected when asked: aspkd/prior.py)
+        labels, weights = state.bought_labels, None
+        if s.prior_correction:
+            prior = teacher_prior(labels, s.num_classes)
+            if s.output == "soft":
+                labels = correct_soft_labels(labels, prior)
+            else:
+                weights = torch.as_tensor(class_weights(prior))
+        y_bought = bought_targets(labels, s.output)
         x_bought = pool.x[torch.as_tensor(state.bought_idx)]
         res_c = fit(student, x_bought, y_bought, s.training, validate=validate, flip=s.flip,
-                    seed=s.seed + 1000 * r, rank=comm.rank, world_size=comm.world_size)
+                    seed=s.seed + 1000 * r, rank=comm.rank, world_size=comm.world_size,
+                    class_weights=weights)
         row = {"round": r, "bought": int(len(state.bought_idx)), "bought_this_round": quota,
                "val_score_labelled": res_c.best_score, "epochs_labelled": res_c.epochs_run}
 
@@ -193,7 +203,7 @@ def run_rounds(student: nn.Module, pool: ProxyPool, s: RoundSettings,
             if comm.rank == 0:
                 latents = embed(student, pool.x).numpy()
                 pl = knn_pseudo_labels(
-                    latents[unlabelled], latents[state.bought_idx], state.bought_labels,
+                    latents[unlabelled], latents[state.bought_idx], labels,
                     k=s.k, distance=s.knn_distance, mode=s.output, num_classes=s.num_classes,
                     generation_classes=pool.classes[unlabelled],
                     filter_by_generation_class=s.generation_class_filter)
@@ -207,7 +217,7 @@ def run_rounds(student: nn.Module, pool: ProxyPool, s: RoundSettings,
             y_all = torch.cat([y_bought, bought_targets(p_labels, s.output)])
             res_e = fit(student, pool.x[torch.as_tensor(idx)], y_all, s.training,
                         validate=validate, flip=s.flip, seed=s.seed + 1000 * r + 1,
-                        rank=comm.rank, world_size=comm.world_size)
+                        rank=comm.rank, world_size=comm.world_size, class_weights=weights)
             row.update({"pseudo_labelled": int(len(p_idx)), "filter_rate": filter_rate,
                         "val_score": res_e.best_score, "epochs_all": res_e.epochs_run})
         else:

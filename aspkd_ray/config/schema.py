@@ -138,6 +138,10 @@ class ASPKDConfig:
     active: bool = _f(True, doc="active selection (off = random picks, Knockoff-style)")
     self_paced: bool = _f(True, doc="kNN pseudo-labels on the unlabelled pool")
     generation_class_filter: bool = _f(True)
+    prior_correction: bool = _f(False, doc="divide teacher soft labels by the teacher's class "
+                                           "prior on the bought set (hard: class-weighted "
+                                           "loss); for victims that see the proxy set as "
+                                           "mostly one class")
     centroids: str = _f("generation", choices=("generation", "predicted"))
     baseline: str = _f("none", choices=("none", "prompt_only"),
                        doc="prompt_only: train on generation classes, no teacher calls")

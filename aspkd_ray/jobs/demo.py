@@ -45,6 +45,9 @@ def format_report(summary: dict) -> str:
         f"  teacher calls used: {summary['calls_used']} of {summary['budget']} "
         f"({summary['calls_per_class']:g} per class)",
     ]
+    if summary.get("pretrain"):
+        lines.append(f"  student init: pre-trained on the proxy set's generation classes, no "
+                     f"calls ({summary['pretrain']['val_score']:.1f}% on proxy validation)")
     if summary.get("pseudo_label_agreement") is not None:
         lines.append(f"  pseudo-labels: {summary['pseudo_label_filter_rate'] * 100:.1f}% "
                      f"filtered out, {summary['pseudo_label_agreement']:.1f}% agree with the "

@@ -62,7 +62,8 @@ def round_settings(cfg: Config, num_classes: int, budget: int, flip: bool) -> Ro
         distance=a.distance, generation_class_filter=a.generation_class_filter,
         centroids=a.centroids, flip=flip, seed=cfg.seed,
         prompt_only=a.baseline == "prompt_only",
-        pretrain=cfg.student.pretrain == "proxy_prompts")
+        pretrain=cfg.student.pretrain == "proxy_prompts",
+        prior_correction=a.prior_correction)
 
 
 def _pick_bought_val(classes: np.ndarray, per_class: int, seed: int) -> np.ndarray:
@@ -193,6 +194,8 @@ def run_steal(cfg: Config, *, trial: str | None = None,
             "pseudo_label_agreement": pseudo_agree[-1] if pseudo_agree else None,
             "pseudo_label_agreement_by_round": pseudo_agree,
             "victim_output": cfg.victim.output,
+            "student_pretrain": cfg.student.pretrain,
+            "pretrain": getattr(state, "pretrain", None) if state else None,
             "method": ("prompt_only" if prompt_only else
                        {(True, True): "aspkd", (False, False): "vanilla",
                         (True, False): "active", (False, True): "self_paced"}[
