@@ -86,11 +86,15 @@ def test_steal_hard_label_victim(ray_session, base):
 
     root, sets = base
     out = root / "hard"
+    # with the init step and prior correction (class-weighted loss) through Ray Train
     cfg = from_dict({}, sets + [f"output_dir={out}", "victim.output=hard",
+                                "student.pretrain=proxy_prompts", "aspkd.prior_correction=true",
                                 "ray.teacher_service=t-steal-hard"])
     summary = run_steal(cfg)
     _summary_checks(summary, out, 20)
     assert summary["victim_output"] == "hard"
+    assert summary["student_pretrain"] == "proxy_prompts"
+    assert summary["pretrain"]["epochs"] == 1
 
 
 @pytest.mark.timeout(600)
