@@ -84,8 +84,12 @@ def test_tiny_pipeline_reloads_by_path_and_is_seeded(tiny_sd):
     a = gen(["a photo of a three", "an image of a one"], [3, 1], [11, 12])
     b = gen(["a photo of a three"], [3], [11])
     assert a[0].shape == (16, 16, 3) and a[0].dtype == np.uint8
-    np.testing.assert_array_equal(a[0], b[0])  # an image depends on its seed, not its batch
-    assert not np.array_equal(a[0], gen(["a photo of a three"], [3], [13])[0])
+    # An image depends on its seed, not its batch: batch size changes the float kernels'
+    # blocking, so a pixel may round the other way (measured: 1 of 768 off by 1), no more.
+    batching = np.abs(a[0].astype(int) - b[0].astype(int))
+    assert batching.max() <= 2 and (batching > 0).mean() < 0.02
+    other_seed = np.abs(a[0].astype(int) - gen(["a photo of a three"], [3], [13])[0])
+    assert other_seed.mean() > 10 * max(batching.mean(), 0.1)
 
 
 def test_missing_pipeline_error_names_the_setting(tmp_path):
