@@ -28,7 +28,7 @@ def teacher_prior(bought_labels: np.ndarray, num_classes: int) -> np.ndarray:
             raise ValueError(f"bought labels have {labels.shape[1]} classes, expected "
                              f"{num_classes}")
         mass = labels.astype(np.float64).sum(axis=0)
-    return ((mass + 1.0) / (len(labels) + num_classes)).astype(np.float64)
+    return (mass + 1.0) / (len(labels) + num_classes)
 
 
 def correct_soft_labels(labels: np.ndarray, prior: np.ndarray) -> np.ndarray:

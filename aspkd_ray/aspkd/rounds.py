@@ -143,7 +143,7 @@ def run_rounds(student: nn.Module, pool: ProxyPool, s: RoundSettings,
 
     # 2. init: the paper starts from a pre-trained student; generation classes are free
     # labels, so pre-training on them gives round 1 a latent space worth selecting in.
-    if s.pretrain and state.round == 0 and getattr(state, "pretrain", None) is None:
+    if s.pretrain and state.round == 0 and state.pretrain is None:
         res = fit_prompt_labels()
         state.pretrain = {"val_score": res.best_score, "epochs": res.epochs_run}
         log.info("init: pre-trained on generation classes, %s", state.pretrain)

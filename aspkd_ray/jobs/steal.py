@@ -195,7 +195,7 @@ def run_steal(cfg: Config, *, trial: str | None = None,
             "pseudo_label_agreement_by_round": pseudo_agree,
             "victim_output": cfg.victim.output,
             "student_pretrain": cfg.student.pretrain,
-            "pretrain": getattr(state, "pretrain", None) if state else None,
+            "pretrain": state.pretrain if state else None,
             "method": ("prompt_only" if prompt_only else
                        {(True, True): "aspkd", (False, False): "vanilla",
                         (True, False): "active", (False, True): "self_paced"}[
