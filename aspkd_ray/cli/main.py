@@ -9,6 +9,7 @@ import logging
 import sys
 
 from aspkd_ray.config import ConfigError
+from aspkd_ray.errors import UserError
 
 # Subcommand modules, in the order of the data flow.
 COMMANDS = [
@@ -67,7 +68,10 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except ConfigError as exc:
         print(f"aspkd: config error: {exc}", file=sys.stderr)
-        return 2
+        return exc.exit_code
+    except UserError as exc:
+        print(f"aspkd: error: {exc}", file=sys.stderr)
+        return exc.exit_code
 
 
 if __name__ == "__main__":

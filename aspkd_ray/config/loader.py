@@ -18,10 +18,13 @@ from typing import Any
 import yaml
 
 from aspkd_ray.config.schema import Config
+from aspkd_ray.errors import UserError
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration key or value is wrong; the message says which and how to fix it."""
+
+    exit_code = 2
 
 
 def _type_name(tp: Any) -> str:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from aspkd_ray.errors import UserError
+
 
 class BudgetExhausted(RuntimeError):
     """The request passed the global budget n (or the trial's cap).
@@ -48,5 +50,22 @@ class InvalidAnswer(ValueError):
     non-normalised probabilities, unknown class ids."""
 
 
-class LedgerMismatch(ValueError):
+class LedgerMismatch(UserError, ValueError):
     """An existing ledger or teacher service was set up with other settings than asked."""
+
+
+class LedgerCorrupt(UserError):
+    """The ledger's files fail their integrity checks (a truncated, garbage or missing
+    segment, answers without reservations): it is never used, since it could undercount
+    what was spent. The message names the files and what to do."""
+
+
+class LedgerBusy(UserError):
+    """Another teacher service holds the ledger's lease (one writer per ledger). The message
+    names the holder (host, pid, Ray cluster) and when its lease goes stale."""
+
+
+class LeaseLost(UserError):
+    """This service no longer holds the ledger's lease (another service took it over, or the
+    storage could not be reached to renew it): it refuses to answer, so the budget stays
+    exact."""
