@@ -486,7 +486,9 @@ def test_no_answer_without_a_durable_reservation(tmp_path, victim_ckpt, fake_vic
     server = fake_victim()
     victim = f"victim.endpoint={server.url}" if remote else f"victim.checkpoint={victim_ckpt}"
     cfg = _resolved(make_cfg(tmp_path, victim))
+    Ledger(str(tmp_path / "ledger"), budget=10, output="soft", num_classes=C)  # as connect does
     svc = TeacherService(cfg, C, 10, str(tmp_path / "ledger"))
+    assert svc.refusal is None
 
     def broken(*args):
         raise OSError("ledger storage is down")
@@ -497,3 +499,104 @@ def test_no_answer_without_a_durable_reservation(tmp_path, victim_ckpt, fake_vic
     s = Ledger(str(tmp_path / "ledger")).status()
     assert (s["spent"], s["answered"]) == (0, 0)
     assert server.calls == []
+
+
+# ---- one writer per ledger --------------------------------------------------------------
+
+@pytest.mark.timeout(240)
+def test_a_second_service_on_the_same_ledger_is_refused(ray_session, tmp_path, victim_ckpt,
+                                                         clients):
+    from aspkd_ray.teacher.errors import LedgerBusy
+
+    cfg = make_cfg(tmp_path, f"victim.checkpoint={victim_ckpt}")
+    first = connect(clients, cfg, budget=20)
+    first.buy(ids_of(5), np.arange(5), images(5))
+    before = sorted(p.name for p in (tmp_path / "ledger").rglob("*.parquet"))
+    other = make_cfg(tmp_path, f"victim.checkpoint={victim_ckpt}")  # another service name
+    with pytest.raises(LedgerBusy, match=r"held by another teacher service \(host"):
+        connect(clients, other, budget=20)
+    assert sorted(p.name for p in (tmp_path / "ledger").rglob("*.parquet")) == before
+    assert first.status()["spent"] == 5  # the holder carries on
+    first.shutdown()
+    clients.remove(first)
+    again = connect(clients, other, budget=20)  # released: the next service may write it
+    assert again.status()["spent"] == 5
+
+
+_OTHER_RAY = """
+import sys
+import numpy as np
+from aspkd_ray.config import load
+from aspkd_ray.errors import UserError
+from aspkd_ray.teacher import connect_teacher_service
+cfg = load(None, [f"output_dir={sys.argv[1]}", f"victim.checkpoint={sys.argv[2]}",
+                  "ray.address=local", "ray.teacher_service=other-run"], None)
+try:
+    connect_teacher_service(cfg, 10, budget=20)
+except UserError as exc:
+    print(type(exc).__name__, exc)
+    sys.exit(3)
+"""
+
+
+@pytest.mark.timeout(300)
+def test_a_run_in_another_ray_cluster_is_refused(ray_session, tmp_path, victim_ckpt, clients):
+    """Two `aspkd steal` runs on one output folder, each with its own Ray: the second is
+    refused before it buys anything (measured before the lease: 153 spent of 80)."""
+    import subprocess
+    import sys
+
+    cfg = make_cfg(tmp_path, f"victim.checkpoint={victim_ckpt}")
+    first = connect(clients, cfg, budget=20)
+    first.buy(ids_of(5), np.arange(5), images(5))
+    env = {k: v for k, v in __import__("os").environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.run([sys.executable, "-c", _OTHER_RAY, str(tmp_path), victim_ckpt],
+                          capture_output=True, text=True, timeout=240, env=env)
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    assert "LedgerBusy" in proc.stdout and "another Ray cluster" in proc.stdout
+    assert first.status()["spent"] == 5
+
+
+@pytest.mark.timeout(240)
+def test_a_restarted_service_that_cannot_reach_its_ledger_refuses(ray_session, tmp_path,
+                                                                   victim_ckpt, clients):
+    """As on a node without the ledger's folder: the service never starts again from 0."""
+    import os
+    import shutil
+
+    import ray
+
+    from aspkd_ray.teacher.errors import LedgerUnavailable
+
+    cfg = make_cfg(tmp_path, f"victim.checkpoint={victim_ckpt}")
+    client = connect(clients, cfg, budget=20)
+    client.buy(ids_of(5), np.arange(5), images(5))
+    pid = client.describe()["pid"]
+    shutil.move(str(tmp_path / "ledger"), str(tmp_path / "elsewhere"))
+    ray.kill(client._handle, no_restart=False)  # Ray restarts it: its ledger is gone
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            info = ray.get(client._handle.describe.remote())
+            if info["pid"] != pid:
+                break
+        except ray.exceptions.RayActorError:
+            pass
+        assert time.monotonic() < deadline, "the teacher service did not restart"
+        time.sleep(0.5)
+    assert info["refusal"][0] == "LedgerUnavailable"
+    with pytest.raises(LedgerUnavailable, match="cannot reach its ledger"):
+        client.buy(ids_of(10), np.arange(10) % C, images(10))
+    with pytest.raises(LedgerUnavailable):
+        client.status()
+    assert not os.path.exists(tmp_path / "ledger")  # nothing was created in its place
+
+
+def test_a_local_ledger_is_refused_on_a_multi_node_cluster(tmp_path):
+    from aspkd_ray.errors import UserError
+    from aspkd_ray.teacher.service import check_ledger_reachable
+
+    check_ledger_reachable(str(tmp_path / "ledger"), 1)
+    check_ledger_reachable("s3://bucket/run/ledger", 3)
+    with pytest.raises(UserError, match="local disk, but the Ray cluster has 3 nodes"):
+        check_ledger_reachable(str(tmp_path / "ledger"), 3)

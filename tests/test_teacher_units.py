@@ -119,7 +119,7 @@ def _fill(ledger: Ledger) -> None:
 
 
 def test_ledger_rebuilds_exactly_and_reports_unanswered(tmp_path):
-    live = Ledger(str(tmp_path / "l"), budget=5, output="soft", num_classes=3)
+    live = Ledger(str(tmp_path / "l"), budget=5, output="soft", num_classes=3, writer="w")
     _fill(live)
     again = Ledger(str(tmp_path / "l"))
     assert again.status() == live.status()
@@ -134,7 +134,7 @@ def test_ledger_rebuilds_exactly_and_reports_unanswered(tmp_path):
 
 def test_ledger_via_pyarrow_uri_and_ignores_half_written_segments(tmp_path):
     uri = f"file://{tmp_path}/l2"
-    live = Ledger(uri, budget=5, output="hard", num_classes=3)
+    live = Ledger(uri, budget=5, output="hard", num_classes=3, writer="w")
     live.reserve(["a"], [0], [""], [True])
     live.record_answers(["a"], np.array([2]))
     (tmp_path / "l2" / "reserved" / "000000000099-dead.parquet.x.tmp").write_bytes(b"PAR")

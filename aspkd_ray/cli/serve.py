@@ -81,13 +81,15 @@ def run_budget(args: argparse.Namespace) -> int:
     cfg = load_config(args)
     uri = args.ledger or cfg.budget.ledger or os.path.join(cfg.output_dir, "ledger")
     try:
-        status = Ledger(uri, create=False).status()
+        ledger = Ledger(uri, create=False)  # checked: a corrupt ledger is an error here too
     except FileNotFoundError as exc:
         print(f"aspkd: {exc}", file=sys.stderr)
         return 1
+    status, holder = ledger.status(), ledger.holder()
     if args.json:
         print(json.dumps({**status, "per_class": {str(k): v for k, v in
-                                                  status["per_class"].items()}}, indent=2))
+                                                  status["per_class"].items()},
+                          "writer": holder}, indent=2))
         return 0
     print(f"ledger:   {status['ledger']}  ({status['output']} labels, "
           f"{status['num_classes']} classes)")
@@ -99,6 +101,11 @@ def run_budget(args: argparse.Namespace) -> int:
     unanswered = status["reserved_unanswered"]
     print(f"reserved but unanswered (spent): {len(unanswered)}"
           + (f"  e.g. {', '.join(unanswered[:5])}" if unanswered else ""))
+    if holder is not None:
+        from aspkd_ray.teacher.lease import describe_holder
+
+        state = "released" if holder.get("released") else "holding the lease"
+        print(f"writer:   {state}: {describe_holder(holder)}")
     if status["failed_attempts"]:
         print(f"failed victim calls: {status['failed_attempts']} (last: "
               f"{status['last_error']})")

@@ -69,3 +69,8 @@ class LeaseLost(UserError):
     """This service no longer holds the ledger's lease (another service took it over, or the
     storage could not be reached to renew it): it refuses to answer, so the budget stays
     exact."""
+
+
+class LedgerUnavailable(UserError):
+    """The teacher service cannot reach the ledger it was created with (a local folder on a
+    node that is gone, storage down): it refuses to answer rather than start from 0 spent."""

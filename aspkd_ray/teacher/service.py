@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -26,11 +27,15 @@ from dataclasses import replace
 
 import numpy as np
 
+from aspkd_ray import storage
 from aspkd_ray.config import Config, total_budget
+from aspkd_ray.errors import UserError
+from aspkd_ray.teacher import errors
 from aspkd_ray.teacher.budget import plan_request
 from aspkd_ray.teacher.checks import check_answer, check_request
-from aspkd_ray.teacher.errors import BudgetExhausted, LedgerMismatch, VictimError
-from aspkd_ray.teacher.ledger import Ledger, check_meta, normalize_uri, read_meta
+from aspkd_ray.teacher.errors import BudgetExhausted, LeaseLost, LedgerMismatch, VictimError
+from aspkd_ray.teacher.lease import Lease, describe_holder
+from aspkd_ray.teacher.ledger import Ledger, normalize_uri, read_meta
 
 log = logging.getLogger(__name__)
 
@@ -46,9 +51,32 @@ class TeacherService:
         from aspkd_ray.teacher.victims import make_victim, victim_name
 
         self.cfg = cfg
+        self.started = time.time()
+        self.counters = {"victim_samples_sent": 0, "victim_s": 0.0, "ledger_s": 0.0,
+                         "ledger_wait_s": 0.0, "requests": 0}
+        self.ledger_uri, self.budget, self.num_classes = ledger_uri, budget, num_classes
+        # A service that cannot open its ledger stays up and refuses every call with the
+        # reason (raising here would make Ray restart it forever, or hide the reason).
+        self.refusal: tuple[str, str] | None = None
         name = victim_name(cfg)
-        self.ledger = Ledger(ledger_uri, budget=budget, output=cfg.victim.output,
-                             num_classes=num_classes, victim=name)
+        try:
+            # Never create the ledger here: the driver did. A restarted service that finds
+            # none (a local folder on a node that is gone) must not start again from 0 spent.
+            self.ledger = Ledger(ledger_uri, budget=budget, output=cfg.victim.output,
+                                 num_classes=num_classes, create=False,
+                                 writer=_actor_key(), lease_options=_lease_options())
+        except FileNotFoundError:
+            self.ledger = None
+            self.refusal = ("LedgerUnavailable", (
+                f"the teacher service cannot reach its ledger {ledger_uri} from host "
+                f"{socket.gethostname()} (a local folder on another node, or storage down). "
+                f"It refuses to answer rather than start again from 0 spent. Put the ledger "
+                f"on shared storage (budget.ledger=s3://... or an NFS path)."))
+            return
+        except UserError as exc:  # busy, corrupt, mismatched
+            self.ledger = None
+            self.refusal = (type(exc).__name__, str(exc))
+            return
         if self.ledger.meta.get("victim") not in (None, name):
             # Allowed (a moved checkpoint, a new URL for the same model), but worth saying.
             log.warning("ledger %s was started against victim %s, now %s", self.ledger.uri,
@@ -57,11 +85,8 @@ class TeacherService:
         self.batch_size = cfg.victim.batch_size
         self._buy_lock = threading.Lock()   # one request at a time: the cap stays exact
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="ledger")
-        self.started = time.time()
         # This process's counters (not in the ledger): retries included, seconds spent;
         # ledger_wait_s is the part of the ledger writes a request waited for.
-        self.counters = {"victim_samples_sent": 0, "victim_s": 0.0, "ledger_s": 0.0,
-                         "ledger_wait_s": 0.0, "requests": 0}
         s = self.ledger.status()
         if s["spent"] or s["reserved_unanswered"]:
             log.warning("teacher service rebuilt ledger %s: %d of %d spent, %d reserved but "
@@ -69,20 +94,34 @@ class TeacherService:
                         len(s["reserved_unanswered"]))
 
     def describe(self) -> dict:
-        return {"budget": self.ledger.budget, "output": self.ledger.output,
-                "num_classes": self.ledger.num_classes, "ledger": self.ledger.uri,
-                "victim": self.ledger.meta.get("victim"), "pid": os.getpid(),
-                "started": self.started, "batch_size": self.batch_size,
-                "torch_threads": _torch_threads()}
+        out = {"budget": self.budget, "output": self.cfg.victim.output,
+               "num_classes": self.num_classes, "ledger": self.ledger_uri, "pid": os.getpid(),
+               "started": self.started, "refusal": self.refusal}
+        if self.ledger is not None:
+            out.update({"budget": self.ledger.budget, "output": self.ledger.output,
+                        "num_classes": self.ledger.num_classes, "ledger": self.ledger.uri,
+                        "victim": self.ledger.meta.get("victim"),
+                        "batch_size": self.batch_size, "torch_threads": _torch_threads()})
+        return out
 
     def status(self) -> dict:
+        if self.refusal is not None:
+            return {"refusal": self.refusal}
         out = self.ledger.status()
         out["victim_samples_sent"] = self.counters["victim_samples_sent"]
         out["service"] = dict(self.counters)
         return out
 
+    def close(self) -> None:
+        """Release the ledger's lease (before the actor is stopped)."""
+        if self.ledger is not None:
+            self.ledger.close()
+            self.refusal = ("LeaseLost", "the teacher service was closed; reconnect.")
+
     def buy(self, ids: list[str], classes: np.ndarray, images: np.ndarray, trial: str | None,
             trial_cap: int | None) -> dict:
+        if self.refusal is not None:
+            return {"refusal": self.refusal}
         with self._buy_lock:
             self.counters["requests"] += 1
             try:
@@ -91,7 +130,11 @@ class TeacherService:
                 order = self._check_classes(ids, classes)
             except (TypeError, ValueError) as exc:
                 return {"input_error": f"{type(exc).__name__}: {exc}"}
-            return self._buy(ids, classes, images, order, trial or "", trial_cap)
+            try:
+                return self._buy(ids, classes, images, order, trial or "", trial_cap)
+            except LeaseLost as exc:  # another service took the ledger: refuse from now on
+                self.refusal = ("LeaseLost", str(exc))
+                return {"refusal": self.refusal}
 
     def _check_classes(self, ids: list[str], classes: np.ndarray) -> dict[str, int]:
         """First position of each distinct id; its generation class must never change."""
@@ -135,7 +178,10 @@ class TeacherService:
                 labels = check_answer(raw, len(batch), ledger.num_classes, ledger.output)
             except Exception as exc:  # noqa: BLE001 - any victim failure is recorded
                 self._wait(reservation)  # a ledger failure propagates: nothing was charged
-                error = f"{type(exc).__name__}: {exc}"
+                from aspkd_ray.teacher.redact import redact  # no token reaches the ledger
+
+                error = redact(f"{type(exc).__name__}: {exc}",
+                               getattr(self.victim, "secrets", ()))
                 self._wait(self._write(ledger.record_failure, batch, error))
                 failed = batch
                 break
@@ -225,6 +271,7 @@ class TeacherClient:
         """
         ids, classes, images = check_request(ids, classes, images, self.num_classes)
         res = self._call("buy", ids, classes, images, self.trial, self.trial_cap)
+        _raise_refusal(res)
         if "input_error" in res:
             raise ValueError(res["input_error"])
         if res["error"] is not None:
@@ -243,16 +290,21 @@ class TeacherClient:
 
     def status(self) -> dict:
         """budget, spent, left, per_class, output, reserved_unanswered, trial_spent, ..."""
-        return self._call("status")
+        return _raise_refusal(self._call("status"))
 
     def describe(self) -> dict:
         """The running service: budget, output, num_classes, ledger, victim, pid, started."""
         return self._call("describe")
 
     def shutdown(self) -> None:
-        """Stop the service actor (the ledger stays; the next connect rebuilds from it)."""
+        """Release the ledger's lease and stop the service actor (the ledger stays; the next
+        connect rebuilds from it)."""
         import ray
 
+        try:
+            ray.get(self._handle.close.remote(), timeout=30)
+        except (ray.exceptions.RayError, TimeoutError) as exc:  # its lease goes stale instead
+            log.warning("teacher service did not release its lease: %s", exc)
         ray.kill(self._handle, no_restart=True)
 
     def _call(self, method: str, *args):
@@ -283,6 +335,9 @@ def _get_or_create(cfg: Config, num_classes: int, budget: int, ledger_uri: str):
     except ray.exceptions.RayActorError as exc:
         raise RuntimeError(f"the teacher service {cfg.ray.teacher_service!r} could not start: "
                            f"{exc}") from exc
+    if info.get("refusal"):
+        ray.kill(handle, no_restart=True)  # frees the name; the next connect tries afresh
+        _raise_refusal(info)
     asked = {"budget": budget, "output": cfg.victim.output, "num_classes": num_classes,
              "ledger": ledger_uri}
     wrong = {k: (info[k], v) for k, v in asked.items() if info[k] != v}
@@ -302,8 +357,12 @@ def connect_teacher_service(cfg: Config, num_classes: int, budget: int | None = 
 
     budget defaults to total_budget(cfg, num_classes); the ledger to budget.ledger, else
     <output_dir>/ledger. `trial` names a Tune trial, capped by budget.per_trial. Raises
-    LedgerMismatch when the running service or the ledger has another budget / output mode.
+    LedgerMismatch when the running service or the ledger has another budget / output mode,
+    LedgerCorrupt when the ledger fails its checks, LedgerBusy when another service (of
+    another Ray cluster) writes it, and UserError for a local ledger on a multi-node cluster.
     """
+    import ray
+
     from aspkd_ray.runtime import connect
 
     if num_classes < 1:
@@ -316,13 +375,67 @@ def connect_teacher_service(cfg: Config, num_classes: int, budget: int | None = 
     uri = normalize_uri(ledger_uri or cfg.budget.ledger
                         or os.path.join(cfg.output_dir, "ledger"))
     cfg = _resolved(cfg)
-    meta = read_meta(uri)  # fail here, clearly, before an actor is created
-    if meta is not None:
-        check_meta(uri, meta, budget=budget, output=cfg.victim.output, num_classes=num_classes)
     connect(cfg.ray.address, cfg.ray.namespace)
+    nodes = len([n for n in ray.nodes() if n.get("Alive")])
+    check_ledger_reachable(uri, nodes)
+    # Create the ledger here (the service never does) and check it, so a mismatch, a corrupt
+    # file or another writer fails clearly in this process, before an actor is created.
+    victim = None
+    if read_meta(uri) is None:
+        from aspkd_ray.teacher.victims import victim_name
+
+        victim = victim_name(cfg)
+    ledger = Ledger(uri, budget=budget, output=cfg.victim.output, num_classes=num_classes,
+                    victim=victim)
+    holder = ledger.holder()
+    gcs = ray.get_runtime_context().gcs_address
+    if holder is not None and holder.get("ray") != gcs and Lease(ledger.fs, ledger.root) \
+            .is_live(holder):
+        raise errors.LedgerBusy(
+            f"the ledger {uri} is written by a teacher service of another Ray cluster "
+            f"({describe_holder(holder)}). One service writes a ledger at a time: wait for "
+            f"that run to end, connect to its cluster (ray.address), or use another output "
+            f"folder / budget.ledger.")
     handle, info = _get_or_create(cfg, num_classes, budget, uri)
     return TeacherClient(handle, info, trial, cfg.budget.per_trial,
                          (cfg, num_classes, budget, uri))
+
+
+def check_ledger_reachable(uri: str, nodes: int) -> None:
+    """A ledger on one node's local disk cannot serve a multi-node cluster: if the service
+    restarts on another node, that node has no such folder. Refuse up front."""
+    if nodes > 1 and not storage.is_shared(uri):
+        raise UserError(
+            f"the ledger {uri} is on this node's local disk, but the Ray cluster has {nodes} "
+            f"nodes: a teacher service restarted on another node could not reach it. Put it "
+            f"on storage every node reaches: budget.ledger=s3://bucket/run/ledger (any pyarrow "
+            f"URI) or a folder on an NFS mount.")
+
+
+def _raise_refusal(res: dict) -> dict:
+    """Raise the typed error a refusing service sent back (its reason in one line)."""
+    refusal = res.get("refusal") if isinstance(res, dict) else None
+    if refusal:
+        kind, message = refusal
+        raise getattr(errors, kind, UserError)(message)
+    return res
+
+
+def _actor_key() -> str:
+    """This service's identity across Ray restarts (the actor id), for the ledger's lease."""
+    import ray
+
+    try:
+        return ray.get_runtime_context().get_actor_id() or f"pid-{os.getpid()}"
+    except Exception:  # noqa: BLE001 - not in a Ray worker (direct use in a test)
+        return f"pid-{os.getpid()}"
+
+
+def _lease_options() -> dict:
+    import ray
+
+    info = {"ray": ray.get_runtime_context().gcs_address} if ray.is_initialized() else {}
+    return {"info": info}
 
 
 def _resolved(cfg: Config) -> Config:
