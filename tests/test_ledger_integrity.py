@@ -216,3 +216,21 @@ def test_mismatch_still_names_the_setting(filled):
 def test_lease_holder_record(filled):
     rec = Lease(*storage.resolve(str(filled))).holder()
     assert rec["released"] and rec["segments"] == 4 and rec["pid"] == os.getpid()
+
+
+def test_a_holder_known_dead_is_taken_over_without_waiting(tmp_path):
+    import json
+
+    old = _ledger(tmp_path / "l")
+    old.lease._stop.set()
+    old.lease._thread.join()
+    rec = {**old.lease.holder(), "host": "elsewhere", "ray": "10.0.0.1:6379"}
+    storage.write_bytes(old.fs, f"{old.lease.folder}/{old.lease._name()}",
+                        json.dumps(rec).encode())
+    with pytest.raises(LedgerBusy):  # fresh heartbeat on another host: live as far as we know
+        _ledger(tmp_path / "l", writer="w2")
+    seen = []
+    taker = _ledger(tmp_path / "l", writer="w3",
+                    lease_options={"gone": lambda r: seen.append(r["key"]) or True})
+    assert seen == ["w1"] and taker.lease.previous["ray"] == "10.0.0.1:6379"
+    taker.close()

@@ -275,13 +275,17 @@ def test_buy_soft_free_rebuys_partial_answers_and_restart_from_ledger(
     np.testing.assert_array_equal(dup, got[[0, 0, 1]])
     with pytest.raises(ValueError, match="generation class"):
         client.buy([ids[0]], np.array([cls[0] + 1]), imgs[:1])
-    # Another service name on the same ledger (a new run) rebuilds the same state.
+    # A new run (another service name) on the same ledger, once this one ended, rebuilds
+    # the same state.
+    client.shutdown()
+    clients.remove(client)
     cfg2 = make_cfg(tmp_path, f"victim.checkpoint={victim_ckpt}")
     other = connect(clients, cfg2, budget=12, ledger_uri=str(tmp_path / "ledger"))
     assert strip(other.status()) == strip(s)
     assert all(v == 1 for v in charge_counts(str(tmp_path / "ledger")).values())
     with pytest.raises(LedgerMismatch, match="budget"):  # the running service: other budget
-        connect_teacher_service(cfg, C, budget=13, ledger_uri=str(tmp_path / "other"))
+        connect_teacher_service(cfg2, C, budget=13, ledger_uri=str(tmp_path / "other"))
+    assert not (tmp_path / "other").exists()  # refused before any ledger was made
     with pytest.raises(LedgerMismatch, match="output='soft'"):  # the ledger: other mode
         connect_teacher_service(make_cfg(tmp_path, f"victim.checkpoint={victim_ckpt}",
                                          "victim.output=hard"), C, budget=12)

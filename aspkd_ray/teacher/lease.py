@@ -37,6 +37,7 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable
 
 from aspkd_ray import storage
 from aspkd_ray.teacher.errors import LeaseLost, LedgerBusy
@@ -91,15 +92,19 @@ class Lease:
 
     `key` identifies the writer across restarts (a Ray actor id): a holder with the same key
     is taken over at once. `info` adds fields to the lease file (e.g. the Ray cluster).
+    `gone(record) -> bool` may say that a holder is known to be dead (e.g. Ray reports its
+    actor DEAD), so it is taken over without waiting for its heartbeat to go stale.
     """
 
     def __init__(self, fs, root: str, *, key: str | None = None, info: dict | None = None,
-                 stale_s: float = STALE_S, heartbeat_s: float = HEARTBEAT_S) -> None:
+                 stale_s: float = STALE_S, heartbeat_s: float = HEARTBEAT_S,
+                 gone: Callable[[dict], bool] | None = None) -> None:
         if not 0 < heartbeat_s < stale_s / 2:
             raise ValueError(f"heartbeat_s must be in (0, stale_s / 2), got {heartbeat_s} "
                              f"with stale_s={stale_s}.")
         self.fs, self.folder = fs, f"{root}/{FOLDER}"
         self.key = key or uuid.uuid4().hex
+        self.gone = gone
         self.info = dict(info or {})
         self.stale_s, self.heartbeat_s = float(stale_s), float(heartbeat_s)
         # A holder that could not renew for this long stops writing: a taker waits stale_s.
@@ -153,7 +158,7 @@ class Lease:
             return False
         if (now or time.time()) - float(rec.get("heartbeat", 0.0)) > self.stale_s:
             return False
-        return not _process_gone(rec)
+        return not (_process_gone(rec) or (self.gone is not None and self.gone(rec)))
 
     # ---- taking and keeping it ----------------------------------------------------------
     def acquire(self, wait_s: float = 0.0) -> Lease:

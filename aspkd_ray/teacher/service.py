@@ -338,6 +338,12 @@ def _get_or_create(cfg: Config, num_classes: int, budget: int, ledger_uri: str):
     if info.get("refusal"):
         ray.kill(handle, no_restart=True)  # frees the name; the next connect tries afresh
         _raise_refusal(info)
+    _check_running(cfg, info, budget, num_classes, ledger_uri)
+    return handle, info
+
+
+def _check_running(cfg: Config, info: dict, budget: int, num_classes: int,
+                   ledger_uri: str) -> None:
     asked = {"budget": budget, "output": cfg.victim.output, "num_classes": num_classes,
              "ledger": ledger_uri}
     wrong = {k: (info[k], v) for k, v in asked.items() if info[k] != v}
@@ -347,7 +353,18 @@ def _get_or_create(cfg: Config, num_classes: int, budget: int, ledger_uri: str):
             f"a teacher service named {cfg.ray.teacher_service!r} (namespace "
             f"{cfg.ray.namespace!r}) is already running with other settings: {what}. Use "
             f"another ray.teacher_service name, or stop it (TeacherClient.shutdown()).")
-    return handle, info
+
+
+def _running_info(cfg: Config) -> dict | None:
+    """describe() of the service already running under the configured name, if any."""
+    import ray
+
+    try:
+        handle = ray.get_actor(cfg.ray.teacher_service, namespace=cfg.ray.namespace)
+        info = ray.get(handle.describe.remote(), timeout=60)
+    except (ValueError, ray.exceptions.RayError):
+        return None  # none, or it is dying: _get_or_create sorts it out
+    return None if info.get("refusal") else info
 
 
 def connect_teacher_service(cfg: Config, num_classes: int, budget: int | None = None,
@@ -378,6 +395,9 @@ def connect_teacher_service(cfg: Config, num_classes: int, budget: int | None = 
     connect(cfg.ray.address, cfg.ray.namespace)
     nodes = len([n for n in ray.nodes() if n.get("Alive")])
     check_ledger_reachable(uri, nodes)
+    running = _running_info(cfg)
+    if running is not None:  # refuse before a ledger is made for nothing
+        _check_running(cfg, running, budget, num_classes, uri)
     # Create the ledger here (the service never does) and check it, so a mismatch, a corrupt
     # file or another writer fails clearly in this process, before an actor is created.
     victim = None
@@ -434,8 +454,24 @@ def _actor_key() -> str:
 def _lease_options() -> dict:
     import ray
 
-    info = {"ray": ray.get_runtime_context().gcs_address} if ray.is_initialized() else {}
-    return {"info": info}
+    if not ray.is_initialized():
+        return {}
+    gcs = ray.get_runtime_context().gcs_address
+    return {"info": {"ray": gcs}, "gone": lambda rec: _dead_actor_here(rec, gcs)}
+
+
+def _dead_actor_here(rec: dict, gcs: str) -> bool:
+    """The lease holder is a service actor of this Ray cluster that Ray reports DEAD (a
+    sweep's earlier incarnation, a killed service): no need to wait for its heartbeat."""
+    if rec.get("ray") != gcs or not str(rec.get("key", "")).strip():
+        return False
+    from ray._private import state  # the GCS actor table; no public API reads one actor
+
+    try:
+        return state.actors(actor_id=rec["key"]).get("State") == "DEAD"
+    except Exception as exc:  # noqa: BLE001 - not an actor id, or GCS busy: wait instead
+        log.debug("could not look up lease holder %s: %s", rec.get("key"), exc)
+        return False
 
 
 def _resolved(cfg: Config) -> Config:
