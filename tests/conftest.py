@@ -2,12 +2,32 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import socket
+import uuid
 
 import pytest
 
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# The tests' object store: an S3 API served by moto on 127.0.0.1 (s3_root below). Set before
+# Ray starts so that every Ray worker reaches it too; fake credentials, so that no test can
+# ever touch a real account, and no instance-metadata lookups.
+S3_PORT = _free_port()
+os.environ.update({"AWS_ENDPOINT_URL": f"http://127.0.0.1:{S3_PORT}",
+                   "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                   "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"})
+for _var in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3"):
+    os.environ.pop(_var, None)
 
 
 @pytest.fixture(scope="session")
@@ -24,3 +44,25 @@ def ray_session():
     info = connect()
     yield info
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """An S3-compatible server (moto) on 127.0.0.1 for the whole session."""
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=S3_PORT, verbose=False)
+    server.start()
+    yield os.environ["AWS_ENDPOINT_URL"]
+    server.stop()
+
+
+@pytest.fixture
+def s3_root(s3_server) -> str:
+    """A fresh bucket on the test S3 server; the storage root s3://<bucket>/run."""
+    import boto3
+
+    bucket = f"aspkd-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3").create_bucket(Bucket=bucket)
+    return f"s3://{bucket}/run"

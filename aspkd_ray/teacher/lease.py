@@ -98,11 +98,12 @@ class Lease:
 
     def __init__(self, fs, root: str, *, key: str | None = None, info: dict | None = None,
                  stale_s: float = STALE_S, heartbeat_s: float = HEARTBEAT_S,
-                 gone: Callable[[dict], bool] | None = None) -> None:
+                 gone: Callable[[dict], bool] | None = None, label: str | None = None) -> None:
         if not 0 < heartbeat_s < stale_s / 2:
             raise ValueError(f"heartbeat_s must be in (0, stale_s / 2), got {heartbeat_s} "
                              f"with stale_s={stale_s}.")
         self.fs, self.folder = fs, f"{root}/{FOLDER}"
+        self.label = label or root  # the ledger, as the user wrote it (for messages)
         self.key = key or uuid.uuid4().hex
         self.gone = gone
         self.info = dict(info or {})
@@ -175,7 +176,7 @@ class Lease:
             if busy or (contested and time.monotonic() < settle_until):
                 if busy and time.monotonic() >= deadline:
                     raise LedgerBusy(
-                        f"the ledger {self.folder.rsplit('/', 1)[0]} is held by another "
+                        f"the ledger {self.label} is held by another "
                         f"teacher service ({describe_holder(rec)}). One service writes a "
                         f"ledger at a time: wait for that run to end, connect to its Ray "
                         f"cluster, or use another output folder / budget.ledger. A crashed "

@@ -162,7 +162,8 @@ class Ledger:
         self._seq = 0
         self.lease: Lease | None = None
         if writer is not None:  # nobody else writes while we replay and after
-            self.lease = Lease(self.fs, self.root, key=writer, **(lease_options or {}))
+            self.lease = Lease(self.fs, self.root, key=writer, label=self.uri,
+                               **(lease_options or {}))
             self.lease.acquire()
         try:
             self._replay()
