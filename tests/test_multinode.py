@@ -1,0 +1,92 @@
+"""Multi-node on one machine: a head and two worker nodes (ray.cluster_utils.Cluster), the
+ledger on the tests' S3 server. Each scenario runs in a subprocess with a cluster of its own,
+so the session's embedded Ray is untouched."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+_SERVICE_NODE_LOSS = r"""
+import json, sys, time
+import aspkd_ray  # first: it sets Ray's auth mode before ray is imported
+import numpy as np
+import ray
+import torch
+from ray.cluster_utils import Cluster
+from ray._private import state
+
+from aspkd_ray.config import load
+from aspkd_ray.errors import UserError
+from aspkd_ray.models import create_model, save_checkpoint
+from aspkd_ray.teacher import Ledger, connect_teacher_service
+
+out, uri = sys.argv[1], sys.argv[2]
+# The head runs no work (0 CPUs), so the service lands on a worker node that can be removed.
+cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+nodes = [cluster.add_node(num_cpus=1) for _ in range(2)]
+cluster.wait_for_nodes()
+ray.init(address=cluster.address, namespace="multinode")
+torch.manual_seed(0)
+ckpt = save_checkpoint(create_model("digits_cnn", num_classes=10, in_chans=1, image_size=28),
+                       f"{out}/victim")
+base = [f"output_dir={out}", f"victim.checkpoint={ckpt}", f"ray.address={cluster.address}",
+        "ray.namespace=multinode"]
+result = {}
+try:  # a ledger on one node's disk cannot serve three nodes: refused up front
+    connect_teacher_service(load(None, base, None), 10, budget=12)
+except UserError as exc:
+    result["local_refused"] = str(exc)
+client = connect_teacher_service(load(None, base + [f"budget.ledger={uri}"], None), 10,
+                                 budget=12)
+imgs = np.random.default_rng(0).integers(0, 256, (16, 28, 28, 1), dtype=np.uint8)
+ids, cls = [f"s{i}" for i in range(16)], np.arange(16) % 10
+first = client.buy(ids[:8], cls[:8], imgs[:8])
+actor_id = client._handle._actor_id.hex()
+node_id = state.actors(actor_id=actor_id)["Address"]["NodeID"]
+victim_node = next(n for n in nodes if n.node_id == node_id)
+t0 = time.monotonic()
+cluster.remove_node(victim_node)                     # the service's node is gone
+again = client.buy(ids[:8], cls[:8], imgs[:8])       # answered by the restarted service
+result["recovery_s"] = time.monotonic() - t0
+result["moved"] = state.actors(actor_id=actor_id)["Address"]["NodeID"] != node_id
+result["same_answers"] = bool(np.array_equal(first, again))
+try:
+    client.buy(ids[8:16], cls[8:16], imgs[8:16])     # 4 left of 12: the rest is refused
+except Exception as exc:
+    result["refused"] = type(exc).__name__
+    result["answered_after"] = len(exc.answered_ids)
+status = client.status()
+result.update(spent=status["spent"], left=status["left"],
+              unanswered=len(status["reserved_unanswered"]))
+client.shutdown()
+rows = Ledger(uri, create=False).charge_rows().to_pydict()
+charged = [i for i, c in zip(rows["id"], rows["charge"]) if c]
+result.update(charge_rows=len(charged), distinct=len(set(charged)))
+print("RESULT " + json.dumps(result))
+ray.shutdown()
+cluster.shutdown()
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(420)
+def test_teacher_service_node_removed_mid_attack(s3_root, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.run([sys.executable, "-c", _SERVICE_NODE_LOSS, str(tmp_path),
+                           f"{s3_root}/ledger"], capture_output=True, text=True, timeout=400,
+                          env=env)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, (proc.stdout[-3000:], proc.stderr[-3000:])
+    r = json.loads(lines[-1][len("RESULT "):])
+    assert "local disk, but the Ray cluster has 3 nodes" in r["local_refused"]
+    assert r["moved"] and r["same_answers"]
+    assert (r["refused"], r["answered_after"]) == ("BudgetExhausted", 4)
+    # Budget exact, nothing lost, nothing charged twice.
+    assert (r["spent"], r["left"], r["unanswered"]) == (12, 0, 0)
+    assert r["charge_rows"] == r["distinct"] == 12
+    print(f"service recovered on another node in {r['recovery_s']:.1f} s")
