@@ -61,3 +61,112 @@ def test_two_cpu_workers_share_one_model(ray_session, tmp_path):
     assert r0["losses"] != r1["losses"]
     assert r0["params"] == pytest.approx(r1["params"], rel=1e-6, abs=1e-6)
     assert r0["decision"] == r1["decision"] == ["rank0-decision"]
+
+
+# ---- attack errors are not retried ------------------------------------------------------
+
+class CountingVictim:
+    """A loopback MLflow endpoint: answers 400 ("broken") or uniform probabilities, and
+    counts the requests it gets (one per attempt that asks the victim)."""
+
+    def __init__(self, broken: bool) -> None:
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.requests = 0
+        srv = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):  # quiet
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                srv.requests += 1
+                n = len(body["inputs"])
+                code, answer = ((400, {"error": "model is broken"}) if broken else
+                                (200, {"predictions": [[0.1] * 10] * n}))
+                data = json.dumps(answer).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _attack_job(tmp_path, url: str, output: str, workers: int):
+    import uuid
+
+    import numpy as np
+    import ray
+
+    from aspkd_ray.aspkd.rounds import ProxyPool, RoundSettings
+    from aspkd_ray.config import load
+    from aspkd_ray.train.attack import AttackJob
+
+    cfg = load(None, [f"output_dir={tmp_path}", f"ray.teacher_service=t-{uuid.uuid4().hex[:8]}",
+                      "ray.namespace=aspkd-train-tests", f"victim.endpoint={url}",
+                      "victim.max_retries=0", f"ray.num_workers={workers}",
+                      "ray.cpus_per_worker=0.5", "student.architecture=digits_cnn_small",
+                      "training.max_epochs=1"], None)
+    n, g = 40, torch.Generator().manual_seed(0)
+    pool = ProxyPool(x=torch.rand(n, 1, 28, 28, generator=g), classes=np.arange(n) % 10,
+                     x_val=torch.rand(10, 1, 28, 28, generator=g), classes_val=np.arange(10))
+    # output="hard" against a soft teacher: the attack code raises a TypeError after buying.
+    settings = RoundSettings(num_classes=10, budget=20, rounds=1, output=output,
+                             training=cfg.training, active=False, self_paced=False)
+    images = np.random.default_rng(0).integers(0, 256, (n, 28, 28, 1), dtype=np.uint8)
+    return AttackJob(cfg=cfg, settings=settings, pool_ref=ray.put(pool),
+                     ids=[f"p{i}" for i in range(n)], images_ref=ray.put(images),
+                     num_classes=10, budget_total=20, ledger_uri=str(tmp_path / "ledger"))
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("failure, workers", [("victim", 1), ("attack", 1), ("victim", 2)])
+def test_attack_errors_fail_at_once_with_the_original_exception(ray_session, tmp_path,
+                                                                failure, workers):
+    from aspkd_ray.teacher import VictimError, connect_teacher_service
+    from aspkd_ray.train.attack import run_attack
+
+    server = CountingVictim(broken=failure == "victim")
+    job = _attack_job(tmp_path, server.url, "soft" if failure == "victim" else "hard",
+                      workers)
+    # Started here, so it outlives every attempt's workers and counts all their requests.
+    service = connect_teacher_service(job.cfg, 10, budget=20, ledger_uri=job.ledger_uri)
+    try:
+        expected = (VictimError, "HTTP 400") if failure == "victim" else (
+            TypeError, "hard-label teacher answers must be class ids")
+        with pytest.raises(expected[0], match=expected[1]) as err:
+            run_attack(job, tmp_path / "ray_train")
+        assert type(err.value) is expected[0]
+        if failure == "victim":
+            assert len(err.value.unanswered_ids) == 20  # its attributes crossed too
+        # One attempt: one buy reached the service (a retry would buy again, free or not).
+        assert service.status()["service"]["requests"] == 1
+        assert server.requests == 1
+    finally:
+        service.shutdown()
+        server.close()
+
+
+def test_machinery_failures_stay_retryable():
+    import ray.exceptions
+
+    from aspkd_ray.train.attack import _retryable
+
+    assert _retryable(ray.exceptions.ActorDiedError())
+    assert _retryable(ray.exceptions.NodeDiedError("node 1"))
+    assert _retryable(torch.distributed.DistBackendError("peer closed the connection"))
+    assert not _retryable(ValueError("bad value"))
+    assert not _retryable(RuntimeError("shape mismatch"))
+    task_error = ray.exceptions.RayTaskError("buy", "tb", ValueError("no"))
+    assert not _retryable(task_error)

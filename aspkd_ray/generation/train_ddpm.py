@@ -7,7 +7,8 @@ proxy set's variety across `seed` comes from sampling.
 
 Resume: every `checkpoint_every` steps the UNet, its EMA, the optimiser and the RNG state go
 to `<folder>/checkpoint/state.pt` (atomically); a rerun continues from there and ends with
-the same weights as an uninterrupted run.
+the same weights as an uninterrupted run. The file holds tensors and plain values only and is
+read with `torch.load(weights_only=True)`: a planted pickle is refused, never run.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import pickle
 import shutil
 import time
 from pathlib import Path
@@ -23,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from aspkd_ray.config import Config, config_hash
+from aspkd_ray.errors import UserError
 from aspkd_ray.generation.ddpm import (
     BETA_SCHEDULE,
     INFO_FILE,
@@ -38,6 +41,13 @@ log = logging.getLogger(__name__)
 GENERATOR_SEED = 0
 EMA_DECAY = 0.995  # short runs: a ~200-step horizon keeps the average off the early weights
 LOG_EVERY = 50
+STATE_FORMAT = "aspkd-ddpm-training-state/1"
+_STATE_KEYS = {"format", "key", "step", "unet", "ema", "optimizer", "rng", "losses",
+               "elapsed_s"}
+
+
+class TrainingStateError(UserError):
+    """The generator's resume file cannot be used (unreadable, not this format, or not data)."""
 
 
 def _training_key(cfg: Config) -> dict:
@@ -78,8 +88,35 @@ def _lr_factor(step: int, total: int) -> float:
 def _save_state(path: Path, state: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
+    torch.save({"format": STATE_FORMAT, **state}, tmp)
     tmp.replace(path)  # atomic: an interruption never leaves half a checkpoint
+
+
+def load_training_state(path: Path) -> dict:
+    """The resume state saved by `_save_state`, read as data only (weights_only=True).
+
+    Raises TrainingStateError naming the file when it is not a readable state of this format
+    (an older aspkd's, a truncated or planted file): nothing in it is ever executed.
+    """
+    fix = (f"delete {path} (or its folder {path.parent}) to restart the generator's training "
+           f"from step 0.")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise TrainingStateError(f"{path} holds Python objects, not only tensors and plain "
+                                 f"values; it is never unpickled (that could run code in "
+                                 f"it). {fix}") from None
+    except Exception as exc:  # noqa: BLE001 - any failure to read it as data means: unusable
+        raise TrainingStateError(f"{path} is not a readable generator training state "
+                                 f"({type(exc).__name__}); {fix}") from exc
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+        raise TrainingStateError(f"{path} is not a generator training state of this aspkd "
+                                 f"(format {STATE_FORMAT!r}; it may be from an older "
+                                 f"version); {fix}")
+    if set(state) != _STATE_KEYS:
+        raise TrainingStateError(f"{path} has the fields {sorted(state)}, expected "
+                                 f"{sorted(_STATE_KEYS)}; {fix}")
+    return state
 
 
 def train_generator(cfg: Config, progress: bool = True, *,
@@ -114,7 +151,7 @@ def train_generator(cfg: Config, progress: bool = True, *,
     state_path = folder / "checkpoint" / "state.pt"
     key = _training_key(cfg)
     if state_path.is_file():
-        state = torch.load(state_path, map_location="cpu", weights_only=False)
+        state = load_training_state(state_path)
         if state.get("key") != key:
             raise ValueError(f"{state_path} was written with other training settings "
                              f"({state.get('key')}); delete {folder} or set generator.model "
@@ -128,10 +165,12 @@ def train_generator(cfg: Config, progress: bool = True, *,
                  state_path)
 
     def checkpoint() -> None:
-        _save_state(state_path, {"key": key, "step": step, "unet": unet.state_dict(),
-                                 "ema": ema, "optimizer": opt.state_dict(),
-                                 "rng": rng.get_state(), "losses": losses,
-                                 "elapsed_s": elapsed + time.time() - t0})
+        # Tensors, dicts, lists and plain numbers only: loadable with weights_only=True.
+        _save_state(state_path, {"key": key, "step": int(step),
+                                 "unet": dict(unet.state_dict()), "ema": dict(ema),
+                                 "optimizer": opt.state_dict(), "rng": rng.get_state(),
+                                 "losses": [[int(s), float(v)] for s, v in losses],
+                                 "elapsed_s": float(elapsed + time.time() - t0)})
 
     mlflow = _active_mlflow()
     t0, first = time.time(), step
@@ -218,5 +257,5 @@ def ensure_generator(cfg: Config) -> Path:
     return train_generator(cfg)
 
 
-__all__ = ["GENERATOR_SEED", "ensure_generator", "generator_dir", "read_info",
-           "train_generator"]
+__all__ = ["GENERATOR_SEED", "TrainingStateError", "ensure_generator", "generator_dir",
+           "load_training_state", "read_info", "train_generator"]

@@ -7,7 +7,9 @@
 
 Timeouts, bounded retries with exponential backoff (timeouts, connection errors, 5xx, 429),
 a token-bucket rate limit, and a bearer token read from an environment variable. The token is
-kept out of reprs, logs and error messages.
+kept out of reprs, logs and error messages: every text that comes from the endpoint (an error
+page may echo the request, headers included) goes through `redact` first (teacher/redact.py),
+and `secrets` lets the teacher service redact what it records too.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import numpy as np
 
 from aspkd_ray.teacher.checks import check_answer
 from aspkd_ray.teacher.errors import InvalidAnswer
+from aspkd_ray.teacher.redact import redact
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +102,9 @@ class HttpVictim:
         self.bucket = TokenBucket(rate_limit_per_s) if rate_limit_per_s else None
         self.session = session or requests.Session()
         self._headers = {"Content-Type": "application/json"}
+        # Credentials in the URL (user:password@) are secrets too, though never printed.
+        self._secrets: tuple[str, ...] = tuple(
+            s for s in (urlsplit(endpoint).password,) if s)
         if auth_env:
             token = os.environ.get(auth_env)
             if not token:
@@ -106,10 +112,21 @@ class HttpVictim:
                                  f"environment of the process calling the victim (on a "
                                  f"cluster: the teacher service's node).")
             self._headers["Authorization"] = f"Bearer {token}"
+            self._secrets = (token, *self._secrets)
         self.requests_sent = 0
 
     def __repr__(self) -> str:  # no headers: they may hold the token
         return f"HttpVictim({self.name!r}, output={self.output!r})"
+
+    @property
+    def secrets(self) -> tuple[str, ...]:
+        """The credentials this victim sends (empty if none), for `redact(text, secrets)`."""
+        return self._secrets
+
+    def _clean(self, text: object, limit: int | None = None) -> str:
+        """`text` from the endpoint, safe for an error or a log: redacted, then cut."""
+        out = redact(str(text), self._secrets)
+        return out if limit is None or len(out) <= limit else out[:limit] + "..."
 
     @staticmethod
     def _invoke_url(endpoint: str, protocol: str, model_name: str | None) -> str:
@@ -144,28 +161,39 @@ class HttpVictim:
                             "datatype": "FP32", "data": arr.ravel().tolist()}]}
 
     def _parse(self, body: object) -> np.ndarray:
+        # Errors below are raised outside their `except`: the original exception may quote
+        # the (unredacted) answer, so it must not ride along as __context__.
         if not isinstance(body, dict):
             raise InvalidAnswer(f"victim answered a {type(body).__name__}, not a JSON object.")
         if self.protocol == "mlflow":
             if "predictions" not in body:
-                raise InvalidAnswer(f"MLflow answer has no 'predictions' (keys: "
-                                    f"{sorted(body)[:5]}).")
+                keys = self._clean(sorted(map(str, body))[:5], 200)
+                raise InvalidAnswer(f"MLflow answer has no 'predictions' (keys: {keys}).")
             pred = body["predictions"]
             if isinstance(pred, dict) and len(pred) == 1:  # one named output tensor
                 pred = next(iter(pred.values()))
+            problem = None
             try:
-                return np.asarray(pred, dtype=np.float64 if self.output == "soft" else None)
+                arr = np.asarray(pred, dtype=np.float64 if self.output == "soft" else None)
             except (ValueError, TypeError) as exc:
-                raise InvalidAnswer(f"MLflow predictions are not a numeric array: {exc}") from exc
+                problem = self._clean(exc, 200)
+            if problem is not None:
+                raise InvalidAnswer(f"MLflow predictions are not a numeric array: {problem}")
+            if arr.dtype.kind not in "biuf":  # e.g. strings: never passed on, never quoted
+                raise InvalidAnswer(f"MLflow predictions have non-numeric values (dtype "
+                                    f"{arr.dtype}).")
+            return arr
         outputs = body.get("outputs")
         if not isinstance(outputs, list) or not outputs or not isinstance(outputs[0], dict):
             raise InvalidAnswer("v2 answer has no 'outputs' tensor list.")
-        out = outputs[0]
+        out, problem = outputs[0], None
         try:
             data = np.asarray(out["data"])
             shape = [int(s) for s in out["shape"]]
         except (KeyError, ValueError, TypeError) as exc:
-            raise InvalidAnswer(f"v2 output tensor is malformed: {exc!r}") from exc
+            problem = self._clean(repr(exc), 200)
+        if problem is not None:
+            raise InvalidAnswer(f"v2 output tensor is malformed: {problem}")
         if data.size != int(np.prod(shape)):
             raise InvalidAnswer(f"v2 output has {data.size} values for shape {shape}.")
         return data.reshape(shape)
@@ -185,7 +213,7 @@ class HttpVictim:
                 resp = self.session.post(self.url, json=payload, headers=self._headers,
                                          timeout=self.timeout_s)
             except (requests.Timeout, requests.ConnectionError) as exc:
-                last = f"{type(exc).__name__}"
+                last = f"{type(exc).__name__}"  # the name only: its message holds the URL
                 log.warning("victim %s: %s (attempt %d/%d)", self.name, last, attempt + 1,
                             self.max_retries + 1)
                 continue
@@ -198,12 +226,14 @@ class HttpVictim:
                 raise HttpVictimError(f"victim {self.name} refused the credentials (HTTP "
                                       f"{resp.status_code}); check the token in victim.auth_env.")
             if resp.status_code >= 400:
+                # Redacted before it is cut: an error page may echo the request's headers.
                 raise HttpVictimError(f"victim {self.name} answered HTTP {resp.status_code}: "
-                                      f"{resp.text[:300]}")
+                                      f"{self._clean(resp.text, 300)}")
             try:
                 return resp.json()
-            except ValueError as exc:
-                raise InvalidAnswer(f"victim {self.name} answered non-JSON: "
-                                    f"{resp.text[:100]!r}") from exc
+            except ValueError:  # its .doc is the whole answer: not kept as __context__
+                pass
+            raise InvalidAnswer(f"victim {self.name} answered non-JSON: "
+                                f"{repr(self._clean(resp.text))[:100]}")
         raise HttpVictimError(f"victim {self.name} failed {self.max_retries + 1} times "
-                              f"(last: {last}).")
+                              f"(last: {self._clean(last)}).")

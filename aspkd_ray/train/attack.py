@@ -3,15 +3,22 @@
 One worker on a CPU machine, N GPU workers with DDP on a cluster: the same code. Rank 0 is
 the only one that selects and buys (through the teacher service, by name); decisions are
 broadcast so every rank trains the same student. After each round, rank 0 reports a Ray Train
-checkpoint (student weights + attack state), so rerunning with the same output directory
-resumes where it stopped, and every round's student stays available for evaluation.
+checkpoint (student weights + attack state, as data only: train/state_io.py), so rerunning
+with the same output directory resumes where it stopped, and every round's student stays
+available for evaluation.
+
+Retries: Ray Train restarts the worker group after a worker or node is lost (MAX_FAILURES),
+but an exception raised by the attack code itself (a bad value, VictimError, BudgetExhausted)
+would only fail again, after spending time and perhaps victim calls. So the worker records
+such an exception with a small actor owned by `run_attack`, which raises it in the driver
+after one attempt. (Ray Train 2.60 has no public hook to filter retried exceptions.)
 """
 
 from __future__ import annotations
 
 import logging
-import pickle
 import tempfile
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,11 +29,11 @@ from aspkd_ray.aspkd.rounds import AttackState, ProxyPool, RoundSettings, run_ro
 from aspkd_ray.config import Config
 from aspkd_ray.runtime import plan_workers
 from aspkd_ray.train.comm import TorchDistComm
+from aspkd_ray.train.state_io import load_state, load_weights_file, save_state, save_weights
 
 log = logging.getLogger(__name__)
 
-STATE_FILE = "attack_state.pkl"
-STUDENT_FILE = "student.pt"
+MAX_FAILURES = 2  # worker-group restarts after a lost worker or node (not attack errors)
 
 
 @dataclass
@@ -57,31 +64,109 @@ def _make_student(cfg: Config, num_classes: int, chans: int, size: int) -> torch
 
 
 def _save(state: AttackState, student: torch.nn.Module, folder: Path) -> None:
-    net = getattr(student, "module", student)
-    torch.save({k: v.detach().cpu() for k, v in net.state_dict().items()},
-               folder / STUDENT_FILE)
-    (folder / STATE_FILE).write_bytes(pickle.dumps(state))
+    save_weights(student, folder)
+    save_state(state, folder)
 
 
 def load_round_checkpoint(folder: str | Path) -> tuple[AttackState, dict]:
-    """(attack state, student state dict) from a round checkpoint folder."""
+    """(attack state, student state dict) from a round checkpoint folder.
+
+    Data only (JSON, .npz without objects, safetensors): a file planted in a run folder cannot
+    run code. Raises StateFileError (naming the file) when one is missing or malformed.
+    """
     folder = Path(folder)
-    state = pickle.loads((folder / STATE_FILE).read_bytes())
-    weights = torch.load(folder / STUDENT_FILE, map_location="cpu", weights_only=True)
-    return state, weights
+    return load_state(folder), load_weights_file(folder)
+
+
+class AttackFailures:
+    """Ray actor (one per `run_attack`): the first exception the attack code raised.
+
+    Restarted worker groups ask it first and end at once when the attack already failed, so
+    the attack code runs once; the driver takes the exception back and raises it.
+    """
+
+    def __init__(self) -> None:
+        self._first: tuple | None = None
+
+    def record(self, rank: int, error: BaseException, worker_traceback: str) -> None:
+        if self._first is None:
+            self._first = (rank, error, worker_traceback)
+
+    def failed(self) -> bool:
+        return self._first is not None
+
+    def first(self) -> tuple | None:
+        return self._first
+
+
+def _retryable(exc: BaseException) -> bool:
+    """Failures of the machinery (a lost peer, actor or object), which a restart can cure."""
+    import ray.exceptions
+
+    if isinstance(exc, getattr(torch.distributed, "DistError", ())):  # a peer went away
+        return True
+    # RayTaskError wraps an exception raised by remote code (the teacher service's): that
+    # is the attack's error. Lost actors, objects, nodes and workers are the machinery's.
+    return (isinstance(exc, ray.exceptions.RayError)
+            and not isinstance(exc, ray.exceptions.RayTaskError))
+
+
+def _cause(exc: BaseException) -> BaseException:
+    """The exception raised by remote code, without Ray's RayTaskError wrapper."""
+    import ray.exceptions
+
+    while isinstance(exc, ray.exceptions.RayTaskError) and isinstance(exc.cause, BaseException):
+        exc = exc.cause
+    return exc
+
+
+def _stand_in(exc: BaseException, rank: int) -> RuntimeError:
+    """Used when the exception itself cannot cross processes."""
+    return RuntimeError(f"the attack failed in Ray Train worker rank {rank} with "
+                        f"{type(exc).__module__}.{type(exc).__qualname__}: {exc}")
+
+
+def _record_failure(failures, rank: int, exc: BaseException) -> None:
+    import ray
+
+    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    error = _cause(exc)
+    try:
+        ray.get(failures.record.remote(rank, error, tb))
+    except Exception:  # noqa: BLE001 - not serialisable: send a description instead
+        ray.get(failures.record.remote(rank, _stand_in(error, rank), tb))
 
 
 def attack_worker(config: dict) -> None:
     """Train loop of every Ray Train worker."""
     import ray
     import ray.train
+
+    failures = config["failures"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    if ray.get(failures.failed.remote()):
+        return  # an earlier attempt failed in the attack code: run_attack raises that error
+    try:
+        _attack(config["job"], rank, world)
+    except Exception as exc:
+        if _retryable(exc):
+            raise  # Ray Train restarts the worker group (up to MAX_FAILURES times)
+        _record_failure(failures, rank, exc)
+        log.info("the attack failed on rank %d (%s); not retried", rank, type(exc).__name__)
+        if world > 1:
+            # Peers may be waiting in a collective for this rank: failing the worker group
+            # makes Ray Train stop them; the restarted group sees the record and ends.
+            raise
+
+
+def _attack(job: AttackJob, rank: int, world: int) -> None:
+    import ray
+    import ray.train
     import ray.train.torch
 
     from aspkd_ray.teacher import connect_teacher_service
 
-    job: AttackJob = config["job"]
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
     pool: ProxyPool = ray.get(job.pool_ref)
     _, chans, size, _ = pool.x.shape
     student = _make_student(job.cfg, job.num_classes, chans, size)
@@ -120,27 +205,53 @@ def attack_worker(config: dict) -> None:
 
 
 def run_attack(job: AttackJob, storage: Path) -> list[tuple[Path, dict]]:
-    """Run the attack on Ray Train; return every round's (checkpoint folder, metrics)."""
+    """Run the attack on Ray Train; return every round's (checkpoint folder, metrics).
+
+    An exception raised by the attack code is raised here, the same type and message, after
+    one attempt (a stand-in RuntimeError naming its type if it cannot cross processes); a
+    lost worker or node is retried up to MAX_FAILURES times from the last round checkpoint.
+    """
+    import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     cfg = job.cfg
     plan = plan_workers(requested=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
                         cpus_per_worker=cfg.ray.cpus_per_worker, reserve_cpus=0.5)
     log.info("Ray Train: %d worker(s), %.2f CPU and %g GPU each", plan.num, plan.cpus,
              plan.gpus)
+    # No CPU and outside any Tune trial's placement group: it must never wait for resources.
+    failures = ray.remote(AttackFailures).options(
+        num_cpus=0,
+        scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None)).remote()
     trainer = TorchTrainer(
         attack_worker,
-        train_loop_config={"job": job},
+        train_loop_config={"job": job, "failures": failures},
         scaling_config=ScalingConfig(num_workers=plan.num, use_gpu=plan.use_gpu,
                                      resources_per_worker={"CPU": plan.cpus,
                                                            **({"GPU": plan.gpus}
                                                               if plan.use_gpu else {})}),
         run_config=RunConfig(name="attack", storage_path=str(storage.resolve()),
                              checkpoint_config=CheckpointConfig(num_to_keep=None),
-                             failure_config=FailureConfig(max_failures=2)),
+                             failure_config=FailureConfig(max_failures=MAX_FAILURES)),
     )
-    result = trainer.fit()
+    try:
+        try:
+            result = trainer.fit()
+            error = None
+        except Exception as exc:  # noqa: BLE001 - the attack's own error, if any, wins
+            result, error = None, exc
+        first = ray.get(failures.first.remote())
+    finally:
+        ray.kill(failures)
+    if first is not None:
+        rank, attack_error, worker_tb = first
+        if hasattr(attack_error, "add_note"):  # Python 3.11+: the worker's traceback
+            attack_error.add_note(f"raised in Ray Train worker rank {rank}:\n{worker_tb}")
+        raise attack_error
+    if error is not None:
+        raise error
     if result.error:
         raise result.error
     rounds = []
