@@ -85,3 +85,123 @@ def test_info_embedded_and_with_a_running_head(tmp_path):
             head.wait(timeout=30)
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)
+
+
+# ---- Ray imported before aspkd_ray; two runs starting MLflow at once ----------------------
+
+RAY_FIRST = """
+import json
+import ray  # before aspkd_ray: Ray has read RAY_AUTH_MODE (unset) already
+import aspkd_ray
+from aspkd_ray.runtime import connect
+
+info = connect("local", num_cpus=1)
+print(json.dumps({"cpus": info["resources"].get("CPU"), "mode": __import__("os").environ.get(
+    "RAY_AUTH_MODE")}))
+"""
+
+
+@pytest.mark.timeout(200)
+def test_embedded_ray_starts_when_ray_was_imported_first(tmp_path):
+    """With ~/.ray/auth_token present, aspkd_ray turns token auth on; a script that imported
+    ray first must still start (and join) its embedded Ray."""
+    home = tmp_path / "home"
+    (home / ".ray").mkdir(parents=True)
+    (home / ".ray" / "auth_token").write_text("0123456789abcdef" * 4)
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN",
+                        "RAY_AUTH_TOKEN_PATH")}
+    env["HOME"] = str(home)
+    script = tmp_path / "ray_first.py"
+    script.write_text(RAY_FIRST)
+    out, err = tmp_path / "out.txt", tmp_path / "err.txt"
+    with out.open("w") as fo, err.open("w") as fe:
+        code = subprocess.run([sys.executable, str(script)], env=env, stdout=fo, stderr=fe,
+                              timeout=150, cwd=tmp_path).returncode
+    assert code == 0, err.read_text()[-2000:]
+    result = json.loads(out.read_text().strip().splitlines()[-1])
+    assert result == {"cpus": 1.0, "mode": "token"}
+    assert "InvalidAuthToken" not in err.read_text()
+
+
+MLFLOW_RUN = """
+import sys, time
+from pathlib import Path
+
+import mlflow
+
+from aspkd_ray.config import from_dict
+from aspkd_ray.tracking import mlflow_run
+
+out, go, name = sys.argv[1:4]
+cfg = from_dict({}, [f"output_dir={out}"])
+Path(out, name + ".ready").touch()
+while not Path(go).exists():  # both processes start creating the database together
+    time.sleep(0.005)
+with mlflow_run(cfg, name) as run:
+    mlflow.log_metric("x", 1.0)
+print(run.info.run_id)
+"""
+
+
+@pytest.mark.timeout(200)
+def test_two_runs_create_one_mlflow_database_together(tmp_path):
+    import sqlite3
+
+    script = tmp_path / "run.py"
+    script.write_text(MLFLOW_RUN)
+    out, go = tmp_path / "out", tmp_path / "go"
+    out.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    procs = [subprocess.Popen([sys.executable, str(script), str(out), str(go), name],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for name in ("a", "b")]
+    deadline = time.time() + 120
+    while not all((out / f"{n}.ready").exists() for n in ("a", "b")):
+        assert time.time() < deadline and all(p.poll() is None for p in procs)
+        time.sleep(0.01)
+    go.touch()
+    results = [p.communicate(timeout=150) for p in procs]
+    for p, (_, stderr) in zip(procs, results, strict=True):
+        assert p.returncode == 0, stderr[-3000:]
+    ids = {stdout.strip().splitlines()[-1] for stdout, _ in results}
+    with sqlite3.connect(out / "mlflow.db") as db:
+        rows = {r[0] for r in db.execute("select run_uuid from runs")}
+    assert rows == ids and len(ids) == 2
+
+
+def test_ray_train_cleaner_noise_is_dropped(monkeypatch):
+    """Ray Train's placement-group cleaner, where it cannot reach the State API, logs a
+    warning a second and may die with a traceback; neither reaches our logs."""
+    import logging
+    import threading
+
+    from aspkd_ray.runtime.ray_connect import quiet_train_cleaner
+
+    uncaught = []  # the thread exceptions that would print a traceback
+    monkeypatch.setattr(threading, "excepthook", lambda args: uncaught.append(args.thread.name))
+    quiet_train_cleaner()
+    quiet_train_cleaner()  # idempotent
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger(
+        "ray.train.v2._internal.execution.controller.placement_group_cleaner")
+    logger.addHandler(handler)
+    try:
+        logger.warning("Failed to query Ray Train Controller actor state. State API may be "
+                       "temporarily unavailable. Continuing to monitor.")
+        logger.warning("Detected that the Ray Train controller actor (x) is dead.")
+    finally:
+        logger.removeHandler(handler)
+    assert [r.getMessage() for r in records] == [
+        "Detected that the Ray Train controller actor (x) is dead."]
+
+    def fail():
+        raise ConnectionError("Found multiple active Ray instances")
+
+    for name in ("PlacementGroupCleanerMonitor", "another-thread"):
+        thread = threading.Thread(target=fail, name=name)
+        thread.start()
+        thread.join()
+    assert uncaught == ["another-thread"]  # other threads keep their tracebacks

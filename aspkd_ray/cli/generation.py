@@ -66,11 +66,13 @@ def run_generate(args: argparse.Namespace) -> int:
     import mlflow
 
     from aspkd_ray.generation import ensure_generator, generate_proxy
+    from aspkd_ray.generation.ray_generate import check_generator
     from aspkd_ray.runtime import connect
     from aspkd_ray.tracking import mlflow_run
 
     cfg = load_config(args)
     out = proxy_root(cfg)
+    check_generator(cfg)  # a bad plugin fails here, before Ray starts
     if cfg.generator.kind == "ddpm":
         ensure_generator(cfg)
     connect(cfg.ray.address, cfg.ray.namespace)

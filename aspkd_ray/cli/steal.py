@@ -16,6 +16,9 @@ def register(sub) -> None:
                                    "agreement.png and an MLflow run to the output dir. "
                                    "Rerunning with the same output dir resumes.")
     add_common(p)
+    p.add_argument("--train-victim", action="store_true",
+                   help="when victim.checkpoint holds no victim, train one there first "
+                        "(without this flag a missing checkpoint is an error)")
     p.set_defaults(func=run_steal_cmd)
     d = sub.add_parser("demo", help="the embedded digits scenario end to end",
                        description="Train or reuse the cached victim and generator, generate "
@@ -30,7 +33,7 @@ def run_steal_cmd(args: argparse.Namespace) -> int:
     from aspkd_ray.jobs.demo import format_report
     from aspkd_ray.jobs.steal import run_steal
 
-    summary = run_steal(load_config(args))
+    summary = run_steal(load_config(args), train_victim=args.train_victim)
     print(format_report(summary).replace("ASPKD demo", "ASPKD attack"))
     return 0
 

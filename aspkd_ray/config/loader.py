@@ -132,13 +132,19 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
 
 def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
     parts = dotted.split(".")
+    if not all(part.strip() for part in parts):
+        raise ConfigError(f"--set {dotted}=...: the key has an empty part; expected "
+                          f"dotted.key=value, e.g. aspkd.sigma=17.")
     node = data
-    for part in parts[:-1]:
+    for i, part in enumerate(parts[:-1]):
         child = node.get(part)
         if child is None:
             child = node[part] = {}
         if not isinstance(child, dict):
-            raise ConfigError(f"--set {dotted}: {part} is a value, not a section.")
+            section = ".".join(parts[:i + 1])
+            raise ConfigError(f"--set {dotted}: {section} is {child!r}, but it is a section; "
+                              f"expected a mapping of keys to values there (in the config "
+                              f"file or an earlier --set).")
         node = child
     node[parts[-1]] = value
 
@@ -154,11 +160,47 @@ def parse_override(text: str) -> tuple[str, Any]:
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"--set {text!r}: the value is not valid YAML ({exc}).") from None
+        one_line = " ".join(str(exc).split())
+        raise ConfigError(f"--set {text!r}: the value is not valid YAML ({one_line}).") from None
     return key, value
 
 
+def _check_architectures(cfg: Config) -> None:
+    """victim.architecture and student.architecture must be model zoo names."""
+    from aspkd_ray.models.zoo import list_models
+
+    names = list_models()
+    for key, value in (("victim.architecture", cfg.victim.architecture),
+                       ("student.architecture", cfg.student.architecture)):
+        if value not in names:
+            raise ConfigError(f"{key}: got {value!r}; expected a model zoo name: "
+                              f"{', '.join(names)} (`aspkd info` lists them).")
+
+
+def _check_plugin_spec(spec: str) -> None:
+    """'package.module:factory' or '/path/to/file.py:factory' (the file is checked when the
+    proxy set is generated: a Tune trial may validate this config on another node)."""
+    target, sep, attr = spec.rpartition(":")
+    if not sep or not target.strip() or not attr.strip() or not attr.isidentifier():
+        raise ConfigError(f"generator.plugin: got {spec!r}; expected 'package.module:factory' "
+                          f"or '/path/to/file.py:factory'.")
+
+
+def _check_endpoint_url(url: str) -> None:
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    try:
+        port_ok = parts.port is None or parts.port > 0
+    except ValueError:
+        port_ok = False
+    if parts.scheme not in ("http", "https") or not parts.hostname or not port_ok:
+        raise ConfigError(f"victim.endpoint: got {url!r}; expected an http:// or https:// URL "
+                          f"with a host (and a port in 1..65535), e.g. http://127.0.0.1:5000.")
+
+
 def _cross_validate(cfg: Config) -> None:
+    _check_architectures(cfg)
     for i, tpl in enumerate(cfg.generator.templates):
         if "{class}" not in tpl:
             raise ConfigError(f"generator.templates[{i}]: got {tpl!r}; every template must "
@@ -172,6 +214,10 @@ def _cross_validate(cfg: Config) -> None:
     if cfg.generator.kind == "plugin" and not cfg.generator.plugin:
         raise ConfigError("generator.plugin: required when generator.kind is 'plugin'; "
                           "expected 'package.module:factory'.")
+    if cfg.generator.kind == "plugin":
+        _check_plugin_spec(cfg.generator.plugin)
+    if cfg.victim.endpoint:
+        _check_endpoint_url(cfg.victim.endpoint)
     if cfg.generator.kind == "diffusers" and not cfg.generator.model:
         raise ConfigError("generator.model: required when generator.kind is 'diffusers'; "
                           "expected a hub id or a local pipeline folder.")
@@ -209,7 +255,12 @@ def absolute_paths(cfg: Config) -> Config:
 
 def from_dict(data: dict[str, Any] | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Build a validated Config from a plain dict and `dotted.key=value` overrides."""
-    data = json.loads(json.dumps(data or {}))  # deep copy, plain types
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError(f"config: got a {_yaml_kind(data)} at the top level; expected a "
+                          f"mapping of sections, e.g. 'dataset: {{name: digits}}'.")
+    # Deep copy as plain types; YAML dates and the like become strings, which the checks
+    # below then reject with the key's name (never a TypeError from json).
+    data = json.loads(json.dumps(data or {}, default=str))
     for text in overrides:
         key, value = parse_override(text)
         _set_dotted(data, key, value)
@@ -223,18 +274,38 @@ def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] 
     """Load a YAML config (or the defaults when `path` is None) with overrides applied."""
     data: dict[str, Any] = {}
     if path is not None:
-        p = Path(path)
+        p = Path(path).expanduser()
+        if p.is_dir():
+            raise ConfigError(f"--config {path}: a folder, not a YAML file; give a file such "
+                              f"as tune_configs/digits.yaml.")
         if not p.is_file():
             raise ConfigError(f"--config {path}: no such file. Configs live in tune_configs/, "
                               f"e.g. tune_configs/digits.yaml.")
         try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"--config {path}: not valid YAML ({exc}).") from None
+            data = yaml.safe_load(p.read_text())
+        except (yaml.YAMLError, UnicodeDecodeError) as exc:
+            one_line = " ".join(str(exc).split())
+            raise ConfigError(f"--config {path}: not valid YAML ({one_line}).") from None
+        except OSError as exc:
+            raise ConfigError(f"--config {path}: cannot be read ({exc.strerror}).") from None
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"--config {path}: the top level is a {_yaml_kind(data)}; "
+                              f"expected a mapping of sections, e.g. 'dataset: {{name: "
+                              f"digits}}' (see tune_configs/digits.yaml).")
     extra = list(overrides)
     if output_dir is not None:
         extra.append(f"output_dir={json.dumps(output_dir)}")
     return from_dict(data, extra)
+
+
+def _yaml_kind(value: Any) -> str:
+    if isinstance(value, list):
+        return "list"
+    if isinstance(value, str):
+        return f"string ({value[:40]!r})"
+    return f"{type(value).__name__} ({value!r})"
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:

@@ -12,7 +12,6 @@ the plan (no duplicates, no gaps).
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import time
 from pathlib import Path
@@ -21,7 +20,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from aspkd_ray.config import Config, config_hash
+from aspkd_ray.config import Config, ConfigError, config_hash
+from aspkd_ray.errors import UserError
 from aspkd_ray.generation import store
 from aspkd_ray.generation.plan import SPLITS, SamplePlan, class_names_for, make_plan
 from aspkd_ray.runtime import WorkerPlan, plan_workers
@@ -122,17 +122,63 @@ def proxy_config_hash(cfg: Config, plan: SamplePlan, size: int, channels: int) -
                         "class_names": list(plan.class_names)})
 
 
+class ProxyMismatch(UserError, ValueError):
+    """The proxy folder holds another config's proxy set."""
+
+
+class GeneratorMissing(UserError, FileNotFoundError):
+    """The configured generator is not there (an untrained DDPM folder)."""
+
+
+def check_plugin(spec: str) -> None:
+    """Fail early, in the driver and before Ray starts, when generator.plugin cannot load:
+    a missing or unparsable .py file, or a module that is not installed. Runs none of the
+    plugin's code (a file is only compiled; a module is only looked up)."""
+    import importlib.util
+
+    target, _, attr = spec.rpartition(":")
+    if target.endswith(".py"):
+        path = Path(target).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"generator.plugin: got {spec!r}, but {path} is not a file; "
+                              f"expected '/path/to/file.py:factory' or "
+                              f"'package.module:factory'.")
+        try:
+            compile(path.read_bytes(), str(path), "exec")
+        except (SyntaxError, ValueError) as exc:
+            raise ConfigError(f"generator.plugin: {path} is not valid Python ({exc}); fix "
+                              f"the file.") from None
+        return
+    try:
+        found = importlib.util.find_spec(target)
+    except (ImportError, ValueError) as exc:  # a parent package is missing or broken
+        found, why = None, f"{type(exc).__name__}: {exc}"
+    else:
+        why = "no such module"
+    if found is None:
+        raise ConfigError(f"generator.plugin: got {spec!r}, but module {target!r} cannot be "
+                          f"imported ({why}); install it on every Ray node, or give "
+                          f"'/path/to/file.py:{attr or 'factory'}'.")
+
+
+def check_generator(cfg: Config) -> None:
+    """The checks of the configured generator that need no model loading (see check_plugin)."""
+    if cfg.generator.kind == "plugin":
+        check_plugin(cfg.generator.plugin)
+
+
 def _resolved(cfg: Config) -> Config:
     """Paths made absolute: actors may run elsewhere than the driver's folder."""
     from aspkd_ray.generation.ddpm import is_ready
     from aspkd_ray.generation.train_ddpm import generator_dir
 
+    check_generator(cfg)
     g = cfg.generator
     if g.kind == "ddpm":
         folder = generator_dir(cfg).resolve()
         if not is_ready(folder):
-            raise FileNotFoundError(f"no trained generator at {folder}; run `aspkd "
-                                    f"train-generator` with this config first.")
+            raise GeneratorMissing(f"no trained generator at {folder}; run `aspkd "
+                                   f"train-generator` with this config first.")
         g = dataclasses.replace(g, model=str(folder))
     elif g.kind == "diffusers" and Path(g.model).exists():
         g = dataclasses.replace(g, model=str(Path(g.model).resolve()))
@@ -203,8 +249,9 @@ class _ShardWriter:
     def check_done(self) -> None:
         if self.parts:
             missing = sorted(self.parts)
-            raise RuntimeError(f"generation ended with shards {missing[:10]} incomplete; "
-                               f"rerun to resume.")
+            raise store.ProxyCorrupt(f"generation ended with shards {missing[:10]} of "
+                                     f"{self.proxy_dir} incomplete; rerun `aspkd generate` to "
+                                     f"resume.")
 
 
 def _run_ray(cfg: Config, blocks: list[pa.Table], writer: _ShardWriter, ctor: dict) -> None:
@@ -241,13 +288,14 @@ def _verify(plan: SamplePlan, proxy_dir: Path) -> None:
     expected = {store.shard_path(proxy_dir, k) for k in range(plan.num_shards)}
     stray = [p for p in store.shard_files(proxy_dir) if p not in expected]
     if stray:
-        raise RuntimeError(f"{proxy_dir} holds shards outside the plan: {stray[:3]}; remove "
-                           f"them (or the folder) and rerun.")
+        raise store.ProxyCorrupt(f"{proxy_dir} holds shards outside the plan: {stray[:3]}; "
+                                 f"remove them (or the folder) and rerun `aspkd generate`.")
     for k in range(plan.num_shards):
-        ids = store.read_shard_ids(store.shard_path(proxy_dir, k))
+        path = store.shard_path(proxy_dir, k)
+        ids = store.read_shard_ids(path)
         if ids != plan.sample_id[plan.shard_slice(k)].tolist():
-            raise RuntimeError(f"shard {k} of {proxy_dir} is missing or does not match the "
-                               f"plan; rerun to regenerate it.")
+            raise store.ProxyCorrupt(f"proxy shard {path} is missing or does not match the "
+                                     f"plan; rerun `aspkd generate` to regenerate it.")
 
 
 def _manifest(cfg: Config, plan: SamplePlan, chash: str, size: int, channels: int) -> dict:
@@ -281,7 +329,7 @@ def _open_plan(cfg: Config, proxy_dir: Path, shard_size: int | None, size: int,
     """The plan, with the shard size recorded by the folder's first run; refuses a folder
     that holds another config's proxy set."""
     plan_file = proxy_dir / store.PLAN
-    record = json.loads(plan_file.read_text()) if plan_file.is_file() else None
+    record = _read_plan_record(plan_file)
     if record is not None:
         shard_size = record["shard_size"]
     plan = make_plan(cfg, class_names_for(cfg), shard_size)
@@ -290,10 +338,30 @@ def _open_plan(cfg: Config, proxy_dir: Path, shard_size: int | None, size: int,
         store.write_json(plan_file, {"config_hash": chash, "shard_size": plan.shard_size,
                                      "num_samples": len(plan), "generator": plan.generator})
     elif record["config_hash"] != chash:
-        raise ValueError(f"{proxy_dir} holds a proxy set of another config (hash "
-                         f"{record['config_hash']}, this one {chash}); use another "
-                         f"--output-dir or delete {proxy_dir}.")
+        raise ProxyMismatch(f"{proxy_dir} holds a proxy set of another config (hash "
+                            f"{record['config_hash']}, this one {chash}); use another "
+                            f"--output-dir or delete {proxy_dir}.")
     return plan, chash
+
+
+def _read_plan_record(plan_file: Path) -> dict | None:
+    """The folder's plan record, or None when there is none. An unreadable one is dropped
+    (with a warning): every shard is then checked against a fresh plan, and the ones that do
+    not match it are regenerated, so nothing of another config is kept."""
+    if not plan_file.is_file():
+        return None
+    try:
+        record = store.read_json(plan_file, "proxy plan")
+        if isinstance(record.get("shard_size"), int) and record["shard_size"] >= 1 \
+                and isinstance(record.get("config_hash"), str):
+            return record
+        problem = "it lacks shard_size or config_hash"
+    except store.ProxyCorrupt as exc:
+        problem = str(exc).split(";")[0]
+    log.warning("%s: %s; writing a new plan and checking every shard against it",
+                plan_file, problem)
+    plan_file.unlink()
+    return None
 
 
 def _pending_shards(plan: SamplePlan, proxy_dir: Path) -> list[int]:
@@ -346,7 +414,10 @@ def generate_proxy(cfg: Config, out_dir: str | Path, *, shard_size: int | None =
         writer.check_done()
     _verify(plan, proxy_dir)
     if not pending and manifest_path.is_file():
-        return json.loads(manifest_path.read_text())
+        try:
+            return store.read_manifest(proxy_dir)
+        except store.ProxyCorrupt as exc:  # every shard checked above: write it again
+            log.warning("%s; writing it again", str(exc).split(";")[0])
     manifest = _manifest(cfg, plan, chash, size, channels)
     generated = sum(plan.shard_slice(k).stop - plan.shard_slice(k).start for k in pending)
     manifest["run"] = {"generated": int(generated), "wall_time_s": round(time.time() - t0, 2),

@@ -20,6 +20,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from aspkd_ray.errors import UserError
+
 # The contract other stages read: names, order and types.
 SCHEMA = pa.schema([
     ("sample_id", pa.string()),
@@ -34,6 +36,17 @@ SCHEMA = pa.schema([
 MANIFEST = "_manifest.json"
 PLAN = "_plan.json"
 FORMAT_VERSION = 1
+REGENERATE = ("rerun `aspkd generate` with this run's --config and --set options (it "
+              "regenerates missing or bad shards and rewrites the manifest)")
+
+
+class ProxyMissing(UserError, FileNotFoundError):
+    """No complete proxy set where one was expected (no manifest)."""
+
+
+class ProxyCorrupt(UserError, ValueError):
+    """A proxy set file is missing, unreadable (truncated, overwritten) or does not match the
+    manifest. The message names the file; `aspkd generate` repairs the set."""
 
 
 def shard_path(proxy_dir: str | Path, k: int) -> Path:
@@ -73,12 +86,29 @@ def shard_files(proxy_dir: str | Path) -> list[Path]:
     return sorted(Path(proxy_dir).glob("part-*.parquet"))
 
 
+def read_json(path: Path, what: str) -> dict:
+    """A JSON object from `path`; ProxyCorrupt naming the file when it is not one."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ProxyCorrupt(f"{what} {path} is unreadable ({type(exc).__name__}: {exc}); "
+                           f"{REGENERATE}.") from None
+    if not isinstance(data, dict):
+        raise ProxyCorrupt(f"{what} {path} holds a {type(data).__name__}, not a JSON object; "
+                           f"{REGENERATE}.")
+    return data
+
+
 def read_manifest(proxy_dir: str | Path) -> dict:
     path = Path(proxy_dir) / MANIFEST
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: {proxy_dir} holds no complete proxy set; "
-                                f"run `aspkd generate` (it resumes an interrupted run).")
-    return json.loads(path.read_text())
+        raise ProxyMissing(f"{path} not found: {proxy_dir} holds no complete proxy set; "
+                           f"run `aspkd generate` (it resumes an interrupted run).")
+    manifest = read_json(path, "proxy manifest")
+    missing = [k for k in ("num_samples", "num_shards", "shard_size") if k not in manifest]
+    if missing:
+        raise ProxyCorrupt(f"proxy manifest {path} lacks {', '.join(missing)}; {REGENERATE}.")
+    return manifest
 
 
 @dataclass
@@ -98,20 +128,93 @@ class ProxySet:
         return len(self.ids)
 
 
-def read_table(proxy_dir: str | Path, columns: list[str] | None = None) -> pa.Table:
-    """All shards as one table, sorted by sample id."""
-    files = shard_files(proxy_dir)
+def read_shard(path: Path, columns: list[str] | None = None) -> pa.Table:
+    """One shard; ProxyCorrupt naming the file when it is missing, unreadable or of another
+    schema (a truncated, overwritten or foreign file)."""
+    if not path.is_file():
+        raise ProxyCorrupt(f"proxy shard {path} is missing; {REGENERATE}.")
+    try:
+        table = pq.read_table(path, columns=columns)
+    except (OSError, pa.ArrowException) as exc:
+        raise ProxyCorrupt(f"proxy shard {path} is unreadable (truncated or not Parquet: "
+                           f"{exc}); {REGENERATE}.") from None
+    if columns is None and not table.schema.equals(SCHEMA):
+        raise ProxyCorrupt(f"proxy shard {path} has columns {table.schema.names}, not the "
+                           f"proxy schema {SCHEMA.names}; it was not written by this version "
+                           f"of aspkd; {REGENERATE}.")
+    return table
+
+
+def read_table(proxy_dir: str | Path, columns: list[str] | None = None,
+               num_shards: int | None = None) -> pa.Table:
+    """All shards as one table, sorted by sample id. With `num_shards` (the manifest's), every
+    shard 0..num_shards-1 must be there and nothing else."""
+    if num_shards is None:
+        files = shard_files(proxy_dir)
+    else:
+        files = [shard_path(proxy_dir, k) for k in range(num_shards)]
+        stray = sorted(set(shard_files(proxy_dir)) - set(files))
+        if stray:
+            raise ProxyCorrupt(f"proxy shard {stray[0]} is not in the manifest of "
+                               f"{proxy_dir}; remove it, or {REGENERATE}.")
     if not files:
-        raise FileNotFoundError(f"no part-*.parquet files in {proxy_dir}.")
-    tables = []
-    for path in files:
-        t = pq.read_table(path, columns=columns)
-        if columns is None and not t.schema.equals(SCHEMA):
-            raise ValueError(f"{path}: schema {t.schema} differs from the proxy schema "
-                             f"{SCHEMA}; it was not written by this version of aspkd.")
-        tables.append(t)
+        raise ProxyMissing(f"no part-*.parquet files in {proxy_dir}; {REGENERATE}.")
+    tables = [read_shard(path, columns) for path in files]
     table = pa.concat_tables(tables)
     return table.sort_by("sample_id")
+
+
+def check_files(proxy_dir: str | Path) -> dict:
+    """A cheap check of a complete proxy set before a run relies on it; returns the manifest.
+
+    The manifest must be readable, and every shard it lists there (and no other), with a
+    readable Parquet footer (a truncated or overwritten file has none), the proxy schema and
+    the planned number of rows. Reads no images: seconds of work are saved for the full
+    checks of `load_proxy_set`, which names the file at fault too.
+    """
+    proxy_dir = Path(proxy_dir)
+    manifest = read_manifest(proxy_dir)
+    size, total = int(manifest["shard_size"]), int(manifest["num_samples"])
+    expected = [shard_path(proxy_dir, k) for k in range(int(manifest["num_shards"]))]
+    stray = sorted(set(shard_files(proxy_dir)) - set(expected))
+    if stray:
+        raise ProxyCorrupt(f"proxy shard {stray[0]} is not in the manifest of {proxy_dir}; "
+                           f"remove it, or {REGENERATE}.")
+    for k, path in enumerate(expected):
+        if not path.is_file():
+            raise ProxyCorrupt(f"proxy shard {path} is missing; {REGENERATE}.")
+        try:
+            with pq.ParquetFile(path) as pf:
+                rows, schema = pf.metadata.num_rows, pf.schema_arrow
+        except (OSError, pa.ArrowException) as exc:
+            raise ProxyCorrupt(f"proxy shard {path} is unreadable (truncated or not Parquet: "
+                               f"{exc}); {REGENERATE}.") from None
+        if not schema.equals(SCHEMA):
+            raise ProxyCorrupt(f"proxy shard {path} has columns {schema.names}, not the proxy "
+                               f"schema {SCHEMA.names}; {REGENERATE}.")
+        want = min(size, total - k * size)
+        if rows != want:
+            raise ProxyCorrupt(f"proxy shard {path} holds {rows} rows, the manifest expects "
+                               f"{want}; {REGENERATE}.")
+    return manifest
+
+
+def _check_rows(proxy_dir: Path, manifest: dict, table: pa.Table) -> None:
+    """Row counts per shard and distinct ids, against the manifest; names the bad shard."""
+    size, total = int(manifest["shard_size"]), int(manifest["num_samples"])
+    seen: dict[str, Path] = {}
+    for k in range(int(manifest["num_shards"])):
+        path = shard_path(proxy_dir, k)
+        ids = read_shard(path, ["sample_id"]).column(0).to_pylist()
+        expected = min(size, total - k * size)
+        if len(ids) != expected:
+            raise ProxyCorrupt(f"proxy shard {path} holds {len(ids)} rows, the manifest "
+                               f"expects {expected}; {REGENERATE}.")
+        for i in ids:
+            if i in seen:
+                raise ProxyCorrupt(f"proxy shard {path} repeats sample {i} of {seen[i]} "
+                                   f"(a shard copied over another?); {REGENERATE}.")
+            seen[i] = path
 
 
 def load_proxy_set(proxy_dir: str | Path) -> ProxySet:
@@ -120,15 +223,20 @@ def load_proxy_set(proxy_dir: str | Path) -> ProxySet:
 
     proxy_dir = Path(proxy_dir)
     manifest = read_manifest(proxy_dir)
-    t = read_table(proxy_dir)
+    t = read_table(proxy_dir, num_shards=int(manifest["num_shards"]))
     ids = np.asarray(t.column("sample_id").to_pylist(), dtype=object)
     if len(ids) != manifest["num_samples"] or len(set(ids.tolist())) != len(ids):
-        raise ValueError(f"{proxy_dir}: {len(ids)} rows ({len(set(ids.tolist()))} distinct) "
-                         f"but the manifest lists {manifest['num_samples']} samples; "
-                         f"regenerate it with `aspkd generate`.")
+        _check_rows(proxy_dir, manifest, t)  # names the shard at fault
+        raise ProxyCorrupt(f"{proxy_dir}: {len(ids)} rows ({len(set(ids.tolist()))} distinct) "
+                           f"but the manifest lists {manifest['num_samples']} samples; "
+                           f"{REGENERATE}.")
     pngs = t.column("png").to_pylist()
-    images = np.stack([png_decode(b) for b in pngs]) if pngs else np.zeros((0, 1, 1, 1),
-                                                                           np.uint8)
+    try:
+        images = (np.stack([png_decode(b) for b in pngs]) if pngs
+                  else np.zeros((0, 1, 1, 1), np.uint8))
+    except (OSError, ValueError) as exc:  # PIL: not a PNG, or images of different sizes
+        raise ProxyCorrupt(f"{proxy_dir}: a proxy image cannot be decoded ({exc}); "
+                           f"{REGENERATE}.") from None
     return ProxySet(
         ids=ids.astype(str),
         classes=t.column("class_id").to_numpy().astype(np.int64),

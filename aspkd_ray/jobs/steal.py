@@ -15,29 +15,179 @@ import numpy as np
 import torch
 
 from aspkd_ray.aspkd.rounds import ProxyPool, RoundSettings
-from aspkd_ray.config import Config, num_rounds, to_dict, total_budget
+from aspkd_ray.config import Config, ConfigError, num_rounds, to_dict, total_budget
 from aspkd_ray.datasets import get_spec, load_victim_data, to_tensor
-from aspkd_ray.victim.train import input_shape, victim_checkpoint_dir
+from aspkd_ray.errors import UserError
+from aspkd_ray.victim.train import VictimMissing, input_shape, victim_checkpoint_dir, victim_ready
 
 log = logging.getLogger(__name__)
 
 EMBEDDED = ("digits", "digits-xdomain")
 
 
-def ensure_victim(cfg: Config) -> Path:
-    """The victim's checkpoint; the embedded scenarios train (and cache) theirs."""
+def ensure_victim(cfg: Config, *, train: bool = False) -> Path:
+    """The victim's checkpoint folder, checked (see `check_victim`); trained first where
+    `check_victim` allows it: the embedded scenarios' default cache, or `train=True`."""
     from aspkd_ray.victim import train_victim
 
     if cfg.victim.endpoint:
         return Path("-")
     folder = victim_checkpoint_dir(cfg)
-    if not (folder / "model.safetensors").exists():
-        if cfg.dataset.name not in EMBEDDED:
-            raise FileNotFoundError(f"victim.checkpoint {folder} not found; train one with "
-                                    f"`aspkd train-teacher` or point victim.checkpoint at it.")
-        log.info("training the %s victim (cached at %s)", cfg.dataset.name, folder)
+    if check_victim(cfg, train=train):
+        log.info("training the %s victim (saved at %s)", cfg.dataset.name, folder)
         train_victim(cfg)
     return folder
+
+
+def check_victim(cfg: Config, *, train: bool = False) -> bool:
+    """Whether the victim must be trained first; raises VictimMissing when it is not there
+    and may not be trained here.
+
+    A `victim.checkpoint` the user gave is never trained over silently (a typo would train a
+    new victim there): only with `train=True` (`aspkd steal --train-victim`). With
+    victim.checkpoint unset, the embedded scenarios train their default cache (the demo).
+    """
+    if cfg.victim.endpoint:
+        return False
+    folder = victim_checkpoint_dir(cfg)
+    if victim_ready(folder):
+        return False
+    if train:
+        return True
+    if cfg.victim.checkpoint:
+        what = "does not exist" if not folder.exists() else "holds no victim checkpoint " \
+               "(model.json and model.safetensors)"
+        raise VictimMissing(f"victim.checkpoint: {folder} {what}. Point victim.checkpoint "
+                            f"at a folder written by `aspkd train-teacher`, or pass "
+                            f"--train-victim to train a new victim there.")
+    if cfg.dataset.name not in EMBEDDED:
+        raise VictimMissing(f"no victim checkpoint for dataset.name={cfg.dataset.name!r} at "
+                            f"{folder}; train one with `aspkd train-teacher` (same config), "
+                            f"set victim.checkpoint or victim.endpoint, or pass "
+                            f"--train-victim.")
+    return True
+
+
+def _class_names(cfg: Config, proxy_root: Path) -> tuple[str, ...]:
+    """The attack's classes: the proxy manifest's when the set exists, else the data set's."""
+    from aspkd_ray.generation.plan import class_names_for
+    from aspkd_ray.generation.store import MANIFEST, read_manifest
+
+    if (proxy_root / "proxy" / MANIFEST).is_file():
+        names = read_manifest(proxy_root / "proxy").get("class_names")
+        if names:
+            return tuple(names)
+    try:
+        return class_names_for(cfg)
+    except ValueError as exc:  # a data set whose class names come from its files
+        raise ConfigError(str(exc)) from None
+
+
+def _train_pool_size(cfg: Config, proxy_root: Path, names: tuple[str, ...]) -> int:
+    """Images in the proxy set's train split (the pool labels are bought from): the
+    manifest's count when the set exists, else what the plan will generate."""
+    from aspkd_ray.generation.plan import make_plan
+    from aspkd_ray.generation.store import MANIFEST, read_manifest
+
+    if (proxy_root / "proxy" / MANIFEST).is_file():
+        splits = read_manifest(proxy_root / "proxy").get("splits") or {}
+        if isinstance(splits.get("train"), int):
+            return splits["train"]
+    plan = make_plan(cfg, names, shard_size=1)  # ids and splits only; no images
+    return int((plan.split == "train").sum())
+
+
+def _budget_key(cfg: Config) -> str:
+    if cfg.budget.total is not None:
+        return f"budget.total={cfg.budget.total}"
+    return f"budget.calls_per_class={cfg.budget.calls_per_class}"
+
+
+def check_budget(cfg: Config, num_classes: int, pool_size: int) -> int:
+    """The calls n, checked against the proxy pool before any call; returns n.
+
+    An attack needs at least one call (aspkd.baseline=prompt_only needs none) and cannot buy
+    more labels than there are images to label: a larger budget would buy the whole pool and
+    leave nothing for the self-paced step (the summary then reports NaN).
+    """
+    n = total_budget(cfg, num_classes)
+    if cfg.aspkd.baseline == "prompt_only":
+        return n
+    if n < 1:
+        raise ConfigError(f"{_budget_key(cfg)}: an attack buys at least one label; expected "
+                          f">= 1 (or aspkd.baseline=prompt_only, which makes no calls).")
+    val = 0
+    if cfg.training.early_stopping == "bought_val":
+        val = cfg.training.bought_val_per_class * num_classes
+        if n - val < 1:
+            raise ConfigError(f"{_budget_key(cfg)}: {n} calls, but training.bought_val_per_"
+                              f"class={cfg.training.bought_val_per_class} x {num_classes} "
+                              f"classes spends {val} of them on validation; raise the budget "
+                              f"or lower training.bought_val_per_class.")
+    if n - val > pool_size:
+        raise ConfigError(f"{_budget_key(cfg)}: {n - val} calls for the pool ({num_classes} "
+                          f"classes), but the proxy set's train split holds only {pool_size} "
+                          f"images (proxy.per_class={cfg.proxy.per_class}, proxy.total="
+                          f"{cfg.proxy.total}, proxy.val_fraction={cfg.proxy.val_fraction}); "
+                          f"an attack cannot buy more labels than there are images. Lower "
+                          f"the budget or raise proxy.per_class / proxy.total.")
+    return n
+
+
+def check_ledger(cfg: Config, uri: str, budget: int, num_classes: int,
+                 replay: bool = True) -> None:
+    """Open an existing ledger read-only before anything runs: a corrupt one, or one of
+    another attack (budget, output, classes), stops the run here, in the driver.
+
+    `replay=False` checks meta.json only: a Tune trial's ledger is shared with the trials
+    buying right now, and a reader listing reserved/ and answered/ while a service writes
+    them could see an answer whose reservation it listed too early.
+    """
+    from aspkd_ray.teacher.errors import LedgerCorrupt
+    from aspkd_ray.teacher.ledger import Ledger, check_meta, read_meta
+
+    try:
+        meta = read_meta(uri)
+        if meta is None:
+            return  # a new ledger: the teacher service creates it
+        check_meta(uri, meta, budget=budget, output=cfg.victim.output,
+                   num_classes=num_classes)
+        if replay:
+            Ledger(uri, create=False).close()  # replays (and checks) every segment
+    except UserError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        # The ledger's own checks name the file; this is the fallback for what they miss.
+        raise LedgerCorrupt(f"ledger {uri} is corrupt or unreadable ({type(exc).__name__}: "
+                            f"{exc}); it is never used, since it could undercount what was "
+                            f"spent. Restore it, or point budget.ledger at a new folder to "
+                            f"start another attack.") from None
+
+
+def preflight(cfg: Config, out: Path, *, train_victim: bool = False,
+              service_budget: int | None = None, trial: str | None = None) -> None:
+    """Every check that needs no Ray and no model, before anything is generated, trained or
+    charged: budget against the pool, the victim (checkpoint or endpoint), the generator
+    plugin, an existing ledger. Raises a UserError (one line on the command line)."""
+    from aspkd_ray.generation.ray_generate import check_generator
+    from aspkd_ray.generation.store import MANIFEST, check_files
+    from aspkd_ray.teacher.preflight import check_endpoint
+
+    root = Path(cfg.proxy.dir) if cfg.proxy.dir else out
+    if (root / "proxy" / MANIFEST).is_file():
+        check_files(root / "proxy")  # a damaged set is named now, not after Ray and training
+    else:
+        check_generator(cfg)
+    names = _class_names(cfg, root)
+    prompt_only = cfg.aspkd.baseline == "prompt_only"
+    n = check_budget(cfg, len(names), _train_pool_size(cfg, root, names))
+    check_victim(cfg, train=train_victim)
+    if prompt_only:
+        return
+    if cfg.victim.endpoint:
+        check_endpoint(cfg.victim.endpoint, timeout_s=min(cfg.victim.timeout_s, 5.0))
+    check_ledger(cfg, cfg.budget.ledger or str(out / "ledger"), service_budget or n,
+                 len(names), replay=trial is None)
 
 
 def ensure_proxy(cfg: Config, out: Path) -> Path:
@@ -74,12 +224,13 @@ def _pick_bought_val(classes: np.ndarray, per_class: int, seed: int) -> np.ndarr
 
 
 def run_steal(cfg: Config, *, trial: str | None = None,
-              service_budget: int | None = None) -> dict:
+              service_budget: int | None = None, train_victim: bool = False) -> dict:
     """Run one attack as configured; write summary.json, plots and MLflow; return the summary.
 
     In a sweep, `trial` names the Tune trial (capped by budget.per_trial) and
     `service_budget` is the teacher service's global cap shared by all trials; a standalone
-    run owns its service and stops it at the end (its ledger stays).
+    run owns its service and stops it at the end (its ledger stays). `train_victim` trains a
+    victim at victim.checkpoint when none is there (see `check_victim`).
     """
     import mlflow
 
@@ -89,9 +240,13 @@ def run_steal(cfg: Config, *, trial: str | None = None,
     from aspkd_ray.runtime import connect
     from aspkd_ray.teacher import connect_teacher_service
     from aspkd_ray.tracking import mlflow_run
-    from aspkd_ray.train.attack import AttackJob, load_round_checkpoint, run_attack
+    from aspkd_ray.train.attack import AttackJob, load_round, run_attack
 
     out = Path(cfg.output_dir).resolve()
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output_dir: {out} is a file; expected a folder (new or a run's).")
+    preflight(cfg, out, train_victim=train_victim, service_budget=service_budget,
+              trial=trial)
     out.mkdir(parents=True, exist_ok=True)
     spec = get_spec(cfg.dataset.name)
     size, chans = input_shape(cfg)
@@ -100,15 +255,15 @@ def run_steal(cfg: Config, *, trial: str | None = None,
     connect(cfg.ray.address, cfg.ray.namespace)
 
     t = time.time()
-    ensure_victim(cfg)
+    ensure_victim(cfg, train=train_victim)
     times["victim"] = time.time() - t
     t = time.time()
     proxy = load_proxy_set(ensure_proxy(cfg, out))
     times["proxy"] = time.time() - t
     num_classes = len(proxy.class_names) or spec.num_classes
-    n = total_budget(cfg, num_classes)
-
     train_mask = proxy.split == "train"
+    n = check_budget(cfg, num_classes, int(train_mask.sum()))  # the set as loaded
+
     tr, va = np.flatnonzero(train_mask), np.flatnonzero(~train_mask)
     x_all = to_tensor(proxy.images, size, chans)
     pool = ProxyPool(x=x_all[torch.as_tensor(tr)], classes=proxy.classes[tr],
@@ -153,8 +308,8 @@ def run_steal(cfg: Config, *, trial: str | None = None,
         victim_pool = oracle.predict_classes(proxy.images[tr])
         student = _student_like(cfg, num_classes, chans, size)
         by_round, pseudo_agree, final_classes, state = [], [], None, None
-        for folder, metrics in rounds:
-            state, weights = load_round_checkpoint(folder)
+        for checkpoint, metrics in rounds:
+            state, weights = load_round(checkpoint)
             student.load_state_dict(weights)
             with torch.no_grad():
                 final_classes = _predict(student, x_test)

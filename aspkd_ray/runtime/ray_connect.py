@@ -10,8 +10,15 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
+import threading
 
 log = logging.getLogger(__name__)
+
+# Every worker process of our jobs runs this first (ray.init's worker_process_setup_hook).
+WORKER_SETUP_HOOK = "aspkd_ray.runtime.ray_connect.quiet_train_cleaner"
+_CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
+_CLEANER_THREAD = "PlacementGroupCleanerMonitor"
 
 
 def connect(address: str | None = None, namespace: str = "aspkd",
@@ -22,12 +29,16 @@ def connect(address: str | None = None, namespace: str = "aspkd",
     if not ray.is_initialized():
         address = address or os.environ.get("RAY_ADDRESS") or local_head_address() or "local"
         mode = "embedded" if address == "local" else "cluster"
+        sync_auth_mode()
+        quiet_train_cleaner()
+        runtime_env = {"worker_process_setup_hook": WORKER_SETUP_HOOK}
         if mode == "embedded":
             ray.init(address="local", namespace=namespace, num_cpus=num_cpus,
                      include_dashboard=False, log_to_driver=True,
-                     object_store_memory=_object_store_bytes())
+                     object_store_memory=_object_store_bytes(), runtime_env=runtime_env)
         else:
-            ray.init(address=address, namespace=namespace, log_to_driver=True)
+            ray.init(address=address, namespace=namespace, log_to_driver=True,
+                     runtime_env=runtime_env)
         log.info("Ray %s (%s)", mode, ray.get_runtime_context().gcs_address)
     return describe()
 
@@ -41,10 +52,16 @@ def local_head_address() -> str | None:
     try:
         from ray._private.services import find_gcs_addresses
         from ray._private.utils import read_ray_address
-
+    except ImportError as exc:  # private Ray helpers moved in another Ray version
+        log.warning("cannot look for a local Ray head (%s); starting an embedded Ray. Set "
+                    "RAY_ADDRESS or --address to join a running one.", exc)
+        return None
+    try:
         recorded = read_ray_address()
         return recorded if recorded and recorded in find_gcs_addresses() else None
-    except Exception:  # private Ray helpers moved: fall back to an embedded instance
+    except OSError as exc:  # the record or /proc could not be read
+        log.warning("cannot read the local Ray head's address (%s); starting an embedded "
+                    "Ray. Set RAY_ADDRESS or --address to join a running one.", exc)
         return None
 
 
@@ -55,13 +72,72 @@ def use_local_token() -> None:
     driver joining by address does not send it unless RAY_AUTH_MODE=token is set before ray
     is imported (measured with Ray 2.60: the GCS answers InvalidAuthToken). A token-mode
     client also joins clusters without auth, and new embedded clusters use tokens anyway.
-    Called from aspkd_ray/__init__.py, i.e. before anything imports ray.
+    Called from aspkd_ray/__init__.py, usually before anything imports ray; when a script
+    imported ray first, `sync_auth_mode` (called by `connect`) makes Ray see the mode.
     """
     if "RAY_AUTH_MODE" in os.environ:
         return
     token_file = os.environ.get("RAY_AUTH_TOKEN_PATH", os.path.expanduser("~/.ray/auth_token"))
     if os.environ.get("RAY_AUTH_TOKEN") or os.path.isfile(token_file):
         os.environ["RAY_AUTH_MODE"] = "token"
+        sync_auth_mode()
+
+
+def sync_auth_mode() -> None:
+    """Make an already imported Ray use the RAY_AUTH_MODE now in the environment.
+
+    Ray reads RAY_AUTH_MODE into its cached config when `ray._raylet` is imported. If a
+    script imported ray before aspkd_ray set the variable, the driver would start (or join)
+    a token-mode cluster without sending the token: its processes inherit the variable, the
+    driver does not (InvalidAuthToken). Ray re-reads it with `Config.initialize("")`, as Ray's
+    own `ray.init` does when it turns token auth on.
+    """
+    mode = os.environ.get("RAY_AUTH_MODE")
+    if mode is None or "ray._raylet" not in sys.modules:
+        return  # not imported yet: Ray reads the variable at import
+    try:
+        from ray._raylet import AuthenticationMode, Config, get_authentication_mode
+
+        if (get_authentication_mode() == AuthenticationMode.TOKEN) != (mode.lower() == "token"):
+            Config.initialize("")
+    except (ImportError, AttributeError) as exc:  # another Ray version
+        log.warning("could not apply RAY_AUTH_MODE=%s to the already imported ray (%s); if "
+                    "Ray answers InvalidAuthToken, import aspkd_ray before ray or set "
+                    "RAY_AUTH_MODE before starting Python.", mode, exc)
+
+
+class _DropCleanerNoise(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Failed to query Ray Train Controller actor state" not in record.getMessage()
+
+
+def quiet_train_cleaner() -> None:
+    """Silence Ray Train's placement-group cleaner where it cannot work (Ray 2.60).
+
+    Ray Train starts a detached `PlacementGroupCleaner` actor that polls the State API every
+    second. Without a dashboard (our embedded Ray has none) each poll logs a warning, and
+    where several Ray instances run on one machine its poll raises ConnectionError ("Found
+    multiple active Ray instances") and the monitor thread dies with a traceback, which
+    log_to_driver prints into our logs. Both say nothing about the run. Installed in every
+    worker process through `ray.init(runtime_env={"worker_process_setup_hook": ...})`; the
+    filter and hook touch only that logger and that thread. Idempotent.
+    """
+    logger = logging.getLogger(_CLEANER_LOGGER)
+    if not any(isinstance(f, _DropCleanerNoise) for f in logger.filters):
+        logger.addFilter(_DropCleanerNoise())
+    previous = threading.excepthook
+    if getattr(previous, "_aspkd_quiet", False):
+        return
+
+    def excepthook(args: threading.ExceptHookArgs) -> None:
+        if args.thread is not None and args.thread.name == _CLEANER_THREAD:
+            logger.debug("Ray Train's placement-group cleaner stopped polling: %s",
+                         args.exc_value)
+            return
+        previous(args)
+
+    excepthook._aspkd_quiet = True  # type: ignore[attr-defined]
+    threading.excepthook = excepthook
 
 
 def _object_store_bytes() -> int:

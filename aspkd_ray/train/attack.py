@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from aspkd_ray import storage
 from aspkd_ray.aspkd.rounds import AttackState, ProxyPool, RoundSettings, run_rounds
 from aspkd_ray.config import Config
 from aspkd_ray.runtime import plan_workers
@@ -204,8 +205,12 @@ def _attack(job: AttackJob, rank: int, world: int) -> None:
                val_labels=job.val_labels, on_round=on_round)
 
 
-def run_attack(job: AttackJob, storage: Path) -> list[tuple[Path, dict]]:
-    """Run the attack on Ray Train; return every round's (checkpoint folder, metrics).
+def run_attack(job: AttackJob, location: str | Path) -> list[tuple[object, dict]]:
+    """Run the attack on Ray Train; return every round's (ray.train.Checkpoint, metrics).
+
+    `location`: where Ray Train keeps its checkpoints, a local folder or a storage URI
+    (s3://…): workers on any node write there, and the driver reads every round from there
+    (`load_round`), never from a worker's disk.
 
     An exception raised by the attack code is raised here, the same type and message, after
     one attempt (a stand-in RuntimeError naming its type if it cannot cross processes); a
@@ -217,6 +222,9 @@ def run_attack(job: AttackJob, storage: Path) -> list[tuple[Path, dict]]:
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     cfg = job.cfg
+    fs, path = storage.resolve(str(location))
+    if storage.is_local(fs):
+        fs = None  # Ray Train's own handling of local folders (and its sync to them)
     plan = plan_workers(requested=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
                         cpus_per_worker=cfg.ray.cpus_per_worker, reserve_cpus=0.5)
     log.info("Ray Train: %d worker(s), %.2f CPU and %g GPU each", plan.num, plan.cpus,
@@ -232,7 +240,7 @@ def run_attack(job: AttackJob, storage: Path) -> list[tuple[Path, dict]]:
                                      resources_per_worker={"CPU": plan.cpus,
                                                            **({"GPU": plan.gpus}
                                                               if plan.use_gpu else {})}),
-        run_config=RunConfig(name="attack", storage_path=str(storage.resolve()),
+        run_config=RunConfig(name="attack", storage_path=path, storage_filesystem=fs,
                              checkpoint_config=CheckpointConfig(num_to_keep=None),
                              failure_config=FailureConfig(max_failures=MAX_FAILURES)),
     )
@@ -254,8 +262,13 @@ def run_attack(job: AttackJob, storage: Path) -> list[tuple[Path, dict]]:
         raise error
     if result.error:
         raise result.error
-    rounds = []
-    for ckpt, metrics in result.best_checkpoints:
-        rounds.append((Path(ckpt.path), metrics))
+    rounds = list(result.best_checkpoints)
     rounds.sort(key=lambda cm: cm[1].get("round_done", 0))
     return rounds
+
+
+def load_round(checkpoint) -> tuple[AttackState, dict]:
+    """(attack state, student weights) of a round's ray.train.Checkpoint, wherever it is
+    stored (a local folder, or downloaded from object storage to a temporary folder)."""
+    with checkpoint.as_directory() as folder:
+        return load_round_checkpoint(folder)

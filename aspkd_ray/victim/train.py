@@ -13,9 +13,24 @@ import torch
 from aspkd_ray.aspkd.distill import accuracy, fit
 from aspkd_ray.config import Config, TrainingConfig, config_hash
 from aspkd_ray.datasets import get_spec, load_victim_data, to_tensor
+from aspkd_ray.errors import UserError
 from aspkd_ray.models import create_model, save_checkpoint
+from aspkd_ray.models.checkpoint import ARCH, WEIGHTS
 
 log = logging.getLogger(__name__)
+
+CHECKPOINT_FILES = (ARCH, WEIGHTS)  # what save_checkpoint writes
+
+
+class VictimMissing(UserError, FileNotFoundError):
+    """No victim checkpoint where the config points, and none may be trained there."""
+
+    exit_code = 2  # a config value (victim.checkpoint) points at nothing
+
+
+def victim_ready(folder: Path) -> bool:
+    """Whether `folder` holds a saved victim (both checkpoint files)."""
+    return all((folder / name).is_file() for name in CHECKPOINT_FILES)
 
 
 def input_shape(cfg: Config) -> tuple[int, int]:
