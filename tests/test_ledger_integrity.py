@@ -234,3 +234,46 @@ def test_a_holder_known_dead_is_taken_over_without_waiting(tmp_path):
                     lease_options={"gone": lambda r: seen.append(r["key"]) or True})
     assert seen == ["w1"] and taker.lease.previous["ray"] == "10.0.0.1:6379"
     taker.close()
+
+
+def test_readers_beside_a_busy_writer_never_see_false_corruption(tmp_path):
+    import threading
+
+    led = Ledger(str(tmp_path / "l"), budget=400, output="soft", num_classes=3, writer="w",
+                 lease_options={"stale_s": 2.0, "heartbeat_s": 0.05})
+    seen, errors = [], []
+
+    def write() -> None:
+        for k in range(400):  # a charge and its answer, as fast as it can
+            led.reserve([f"s{k}"], [0], [""], [True])
+            led.record_answers([f"s{k}"], np.array([[1, 0, 0]], np.float32))
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    try:
+        while writer.is_alive():
+            try:
+                seen.append(Ledger(str(tmp_path / "l"), create=False).status()["spent"])
+            except LedgerCorrupt as exc:
+                errors.append(str(exc))
+    finally:
+        writer.join()
+        led.close()
+    assert errors == [] and len(seen) > 5 and seen == sorted(seen)
+    assert Ledger(str(tmp_path / "l"), create=False).status()["spent"] == 400
+
+
+def test_a_reader_retries_a_listing_caught_mid_write(filled, monkeypatch):
+    # What a reader may list while a service writes: answered seq 3 seen, reserved seq 2 not.
+    real, calls = Ledger._segments, []
+
+    def mid_write(self):
+        calls.append(1)
+        found = real(self)
+        return [f for f in found if f[0] != 2] if len(calls) == 1 else found
+
+    monkeypatch.setattr(Ledger, "_segments", mid_write)
+    assert Ledger(str(filled), create=False).status()["spent"] == 5 and len(calls) == 2
+    calls.clear()
+    with pytest.raises(LedgerCorrupt, match="missing"):  # a writer has no one to race with
+        _ledger(filled, writer="w2")

@@ -25,7 +25,8 @@ COMMANDS = [
 def add_common(parser: argparse.ArgumentParser) -> None:
     """--config, --set and --output-dir, taken by every job command."""
     parser.add_argument("--config", metavar="PATH", default=None,
-                        help="YAML config (tune_configs/digits.yaml, ...); defaults if omitted")
+                        help="YAML config: a file (tune_configs/digits.yaml) or a packaged name "
+                             "(digits, paper/cifar10-halfalexnet-sd2); defaults if omitted")
     parser.add_argument("--set", metavar="KEY=VALUE", action="append", default=[],
                         dest="overrides",
                         help="override one config key, e.g. --set aspkd.sigma=17 (repeatable)")

@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from aspkd_ray.config.packaged import resolve_config_path
 from aspkd_ray.config.schema import Config
 from aspkd_ray.errors import UserError
 
@@ -278,9 +279,7 @@ def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] 
         if p.is_dir():
             raise ConfigError(f"--config {path}: a folder, not a YAML file; give a file such "
                               f"as tune_configs/digits.yaml.")
-        if not p.is_file():
-            raise ConfigError(f"--config {path}: no such file. Configs live in tune_configs/, "
-                              f"e.g. tune_configs/digits.yaml.")
+        p = resolve_config_path(path)  # a file, or a packaged name such as 'digits'
         try:
             data = yaml.safe_load(p.read_text())
         except (yaml.YAMLError, UnicodeDecodeError) as exc:

@@ -58,9 +58,9 @@ class SweepSpec:
 
 def load_sweep(path: str | Path, extra_overrides: list[str] = ()) -> SweepSpec:
     """Read and validate a sweep file; the base config is validated with every grid value."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"--sweep {path}: no such file; see tune_configs/sweep-digits.yaml.")
+    from aspkd_ray.config.packaged import resolve_config_path
+
+    path = resolve_config_path(path, "--sweep")  # a file, or a packaged name
     raw = yaml.safe_load(path.read_text()) or {}
     unknown = set(raw) - {"base", "overrides", "sweep"}
     if unknown:

@@ -49,6 +49,7 @@ from aspkd_ray.teacher.lease import Lease
 
 KINDS = ("reserved", "answered", "failed")
 META = "meta.json"
+READ_ATTEMPTS = 4     # a reader's tries before a failed check is corruption, not a race
 FORMAT = 2            # 2: segment names carry a checksum; 1 (read only): they do not
 META_KEYS = {"format": int, "budget": int, "output": str, "num_classes": int}
 COLUMNS = {"reserved": ("id", "cls", "trial", "charge"), "answered": ("id", "label"),
@@ -166,10 +167,25 @@ class Ledger:
                                **(lease_options or {}))
             self.lease.acquire()
         try:
-            self._replay()
+            self._replay_checked()
         except Exception:
             self.close()
             raise
+
+    def _replay_checked(self) -> None:
+        """Replay; a reader retries a failed check a few times first. A service writing
+        while a reader lists reserved/, answered/ and failed/ one after the other can show it
+        a gap or an answer whose reservation it listed too early; real damage stays."""
+        attempts = 1 if self.lease is not None else READ_ATTEMPTS
+        for attempt in range(attempts):
+            try:
+                self._replay()
+                return
+            except LedgerCorrupt:
+                if attempt == attempts - 1:
+                    raise
+                self.state, self._seq = LedgerState(self.output), 0
+                time.sleep(0.2 * (attempt + 1))
 
     # ---- meta -------------------------------------------------------------------------
     def _open_meta(self, budget, output, num_classes, victim, create) -> dict:
@@ -230,6 +246,10 @@ class Ledger:
         return table
 
     def _replay(self) -> None:
+        # The count the writer recorded is read before the listing: segments only grow, so
+        # a live writer can never make the listing look shorter than the record.
+        recorded = self.lease.previous_segments if self.lease is not None else \
+            Lease(self.fs, self.root).max_segments()
         segments = self._segments()
         seqs = [seq for seq, _, _ in segments]
         if seqs != list(range(len(seqs))):
@@ -241,8 +261,6 @@ class Ledger:
             raise LedgerCorrupt(f"ledger {self.uri}: {what} (segment files under reserved/, "
                                 f"answered/ and failed/ are numbered 0, 1, 2, ... with no gap). "
                                 f"{CORRUPT_HINT}")
-        recorded = self.lease.previous_segments if self.lease is not None else \
-            Lease(self.fs, self.root).max_segments()
         if recorded > len(seqs):
             raise LedgerCorrupt(f"ledger {self.uri}: its writer recorded {recorded} segments "
                                 f"in lease/, but {len(seqs)} are there: the last "
