@@ -17,6 +17,7 @@ from aspkd_ray.config.schema import (
     GeneratorConfig,
     ProxyConfig,
     RayConfig,
+    StorageConfig,
     StudentConfig,
     TrackingConfig,
     TrainingConfig,
@@ -41,7 +42,7 @@ def num_rounds(cfg: Config, num_classes: int) -> int:
 
 __all__ = [
     "ASPKDConfig", "BudgetConfig", "Config", "ConfigError", "DatasetConfig", "GeneratorConfig",
-    "ProxyConfig", "RayConfig", "StudentConfig", "TrackingConfig", "TrainingConfig",
+    "ProxyConfig", "RayConfig", "StorageConfig", "StudentConfig", "TrackingConfig", "TrainingConfig",
     "VictimConfig", "config_hash", "flatten", "from_dict", "load", "num_rounds",
     "parse_override", "to_dict", "total_budget",
 ]

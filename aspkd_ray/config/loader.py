@@ -251,7 +251,8 @@ def absolute_paths(cfg: Config) -> Config:
         generator=replace(cfg.generator, model=model),
         proxy=replace(cfg.proxy, dir=_absolute(cfg.proxy.dir)),
         student=replace(cfg.student, init_checkpoint=_absolute(cfg.student.init_checkpoint)),
-        budget=replace(cfg.budget, ledger=_absolute(cfg.budget.ledger)))
+        budget=replace(cfg.budget, ledger=_absolute(cfg.budget.ledger)),
+        storage=replace(cfg.storage, root=_absolute(cfg.storage.root)))
 
 
 def from_dict(data: dict[str, Any] | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:

@@ -165,6 +165,14 @@ class TrackingConfig:
 
 
 @dataclass
+class StorageConfig:
+    root: str | None = _f(None, doc="where everything a run writes lives (proxy set, ledger, "
+                                    "checkpoints, Tune results, summary, MLflow artifacts): a "
+                                    "folder, an NFS mount or a pyarrow URI (s3://bucket/run); "
+                                    "None = output_dir")
+
+
+@dataclass
 class Config:
     seed: int = _f(0, min=0)
     output_dir: str = _f("runs/default")
@@ -179,3 +187,4 @@ class Config:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
