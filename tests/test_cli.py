@@ -196,6 +196,15 @@ def test_ray_train_cleaner_noise_is_dropped(monkeypatch):
         logger.removeHandler(handler)
     assert [r.getMessage() for r in records] == [
         "Detected that the Ray Train controller actor (x) is dead."]
+    callback = logging.getLogger("ray.train.v2._internal.callbacks.placement_group_callback")
+    callback.addHandler(handler)
+    try:
+        callback.error("Failed to stop PlacementGroupCleaner gracefully.")
+        callback.error("Failed to register placement group with cleaner: x")
+    finally:
+        callback.removeHandler(handler)
+    assert [r.getMessage() for r in records][1:] == [
+        "Failed to register placement group with cleaner: x"]
 
     def fail():
         raise ConnectionError("Found multiple active Ray instances")

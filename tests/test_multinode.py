@@ -34,8 +34,10 @@ ray.init(address=cluster.address, namespace="multinode")
 torch.manual_seed(0)
 ckpt = save_checkpoint(create_model("digits_cnn", num_classes=10, in_chans=1, image_size=28),
                        f"{out}/victim")
+# teacher_node=any: on a worker node, so that its node can be removed (the default, head,
+# would keep it on the head, which outlives every worker node).
 base = [f"output_dir={out}", f"victim.checkpoint={ckpt}", f"ray.address={cluster.address}",
-        "ray.namespace=multinode"]
+        "ray.namespace=multinode", "ray.teacher_node=any"]
 result = {}
 try:  # a ledger on one node's disk cannot serve three nodes: refused up front
     connect_teacher_service(load(None, base, None), 10, budget=12)
@@ -64,6 +66,14 @@ status = client.status()
 result.update(spent=status["spent"], left=status["left"],
               unanswered=len(status["reserved_unanswered"]))
 client.shutdown()
+# The default placement: the head node, even with 0 CPUs there.
+head = load(None, [f"output_dir={out}/head", f"victim.checkpoint={ckpt}",
+                   f"ray.address={cluster.address}", "ray.namespace=multinode",
+                   "ray.teacher_service=on-head", f"budget.ledger={uri}-head"], None)
+on_head = connect_teacher_service(head, 10, budget=4)
+result["head_placed"] = state.actors(actor_id=on_head._handle._actor_id.hex())[
+    "Address"]["NodeID"] == cluster.head_node.node_id
+on_head.shutdown()
 rows = Ledger(uri, create=False).charge_rows().to_pydict()
 charged = [i for i, c in zip(rows["id"], rows["charge"]) if c]
 result.update(charge_rows=len(charged), distinct=len(set(charged)))
@@ -84,7 +94,7 @@ def test_teacher_service_node_removed_mid_attack(s3_root, tmp_path):
     assert proc.returncode == 0 and lines, (proc.stdout[-3000:], proc.stderr[-3000:])
     r = json.loads(lines[-1][len("RESULT "):])
     assert "local disk, but the Ray cluster has 3 nodes" in r["local_refused"]
-    assert r["moved"] and r["same_answers"]
+    assert r["moved"] and r["same_answers"] and r["head_placed"]
     assert (r["refused"], r["answered_after"]) == ("BudgetExhausted", 4)
     # Budget exact, nothing lost, nothing charged twice.
     assert (r["spent"], r["left"], r["unanswered"]) == (12, 0, 0)

@@ -604,3 +604,18 @@ def test_a_local_ledger_is_refused_on_a_multi_node_cluster(tmp_path):
     check_ledger_reachable("s3://bucket/run/ledger", 3)
     with pytest.raises(UserError, match="local disk, but the Ray cluster has 3 nodes"):
         check_ledger_reachable(str(tmp_path / "ledger"), 3)
+
+
+def test_a_teacher_service_that_cannot_be_placed_fails_fast(ray_session, tmp_path, victim_ckpt,
+                                                           monkeypatch):
+    from aspkd_ray.errors import UserError
+    from aspkd_ray.teacher import service
+
+    monkeypatch.setattr(service, "PLACEMENT_TIMEOUT_S", 3.0)
+    cfg = make_cfg(tmp_path, f"victim.checkpoint={victim_ckpt}",
+                   "ray.teacher_node=teacher_gpu_node")  # a resource no node has
+    t = time.monotonic()
+    with pytest.raises(UserError, match="could not be placed.*teacher_gpu_node"):
+        connect_teacher_service(cfg, C, budget=5)
+    assert time.monotonic() - t < 30
+    assert service.placement("head")["num_cpus"] == 0  # a head with num-cpus 0 takes it

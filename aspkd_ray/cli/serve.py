@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import json
-import os
 import sys
 
 from aspkd_ray.cli.main import add_common, load_config
@@ -79,7 +78,9 @@ def run_budget(args: argparse.Namespace) -> int:
     from aspkd_ray.teacher import Ledger
 
     cfg = load_config(args)
-    uri = args.ledger or cfg.budget.ledger or os.path.join(cfg.output_dir, "ledger")
+    from aspkd_ray.layout import run_layout
+
+    uri = args.ledger or run_layout(cfg).ledger
     try:
         ledger = Ledger(uri, create=False)  # checked: a corrupt ledger is an error here too
     except FileNotFoundError as exc:

@@ -156,6 +156,10 @@ class RayConfig:
     cpus_per_worker: float | None = _f(None, gt=0.0)
     generation_actors: int | None = _f(None, min=1, doc="None = from resources")
     teacher_service: str = _f("aspkd-teacher", doc="named actor of the teacher service")
+    teacher_node: str = _f("head", doc="where the teacher service runs: head (the head node, "
+                                       "needing no CPU there), any (any node with 0.25 CPU "
+                                       "free), or the name of a custom resource marking the "
+                                       "nodes it may run on")
 
 
 @dataclass

@@ -8,16 +8,19 @@ from __future__ import annotations
 
 import json
 import logging
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from aspkd_ray import storage
 from aspkd_ray.aspkd.rounds import ProxyPool, RoundSettings
 from aspkd_ray.config import Config, ConfigError, num_rounds, to_dict, total_budget
 from aspkd_ray.datasets import get_spec, load_victim_data, to_tensor
 from aspkd_ray.errors import UserError
+from aspkd_ray.layout import join, run_layout
 from aspkd_ray.victim.train import VictimMissing, input_shape, victim_checkpoint_dir, victim_ready
 
 log = logging.getLogger(__name__)
@@ -68,13 +71,20 @@ def check_victim(cfg: Config, *, train: bool = False) -> bool:
     return True
 
 
-def _class_names(cfg: Config, proxy_root: Path) -> tuple[str, ...]:
+def _proxy_complete(proxy: str) -> bool:
+    """The proxy set at `proxy` (a folder or URI) has its manifest (it is complete)."""
+    from aspkd_ray.generation.store import MANIFEST
+
+    return storage.exists(*storage.resolve(join(proxy, MANIFEST)))
+
+
+def _class_names(cfg: Config, proxy: str) -> tuple[str, ...]:
     """The attack's classes: the proxy manifest's when the set exists, else the data set's."""
     from aspkd_ray.generation.plan import class_names_for
-    from aspkd_ray.generation.store import MANIFEST, read_manifest
+    from aspkd_ray.generation.store import read_manifest
 
-    if (proxy_root / "proxy" / MANIFEST).is_file():
-        names = read_manifest(proxy_root / "proxy").get("class_names")
+    if _proxy_complete(proxy):
+        names = read_manifest(proxy).get("class_names")
         if names:
             return tuple(names)
     try:
@@ -83,14 +93,14 @@ def _class_names(cfg: Config, proxy_root: Path) -> tuple[str, ...]:
         raise ConfigError(str(exc)) from None
 
 
-def _train_pool_size(cfg: Config, proxy_root: Path, names: tuple[str, ...]) -> int:
+def _train_pool_size(cfg: Config, proxy: str, names: tuple[str, ...]) -> int:
     """Images in the proxy set's train split (the pool labels are bought from): the
     manifest's count when the set exists, else what the plan will generate."""
     from aspkd_ray.generation.plan import make_plan
-    from aspkd_ray.generation.store import MANIFEST, read_manifest
+    from aspkd_ray.generation.store import read_manifest
 
-    if (proxy_root / "proxy" / MANIFEST).is_file():
-        splits = read_manifest(proxy_root / "proxy").get("splits") or {}
+    if _proxy_complete(proxy):
+        splits = read_manifest(proxy).get("splits") or {}
         if isinstance(splits.get("train"), int):
             return splits["train"]
     plan = make_plan(cfg, names, shard_size=1)  # ids and splits only; no images
@@ -164,42 +174,41 @@ def check_ledger(cfg: Config, uri: str, budget: int, num_classes: int,
                             f"start another attack.") from None
 
 
-def preflight(cfg: Config, out: Path, *, train_victim: bool = False,
+def preflight(cfg: Config, *, train_victim: bool = False,
               service_budget: int | None = None, trial: str | None = None) -> None:
     """Every check that needs no Ray and no model, before anything is generated, trained or
     charged: budget against the pool, the victim (checkpoint or endpoint), the generator
     plugin, an existing ledger. Raises a UserError (one line on the command line)."""
     from aspkd_ray.generation.ray_generate import check_generator
-    from aspkd_ray.generation.store import MANIFEST, check_files
+    from aspkd_ray.generation.store import check_files
     from aspkd_ray.teacher.preflight import check_endpoint
 
-    root = Path(cfg.proxy.dir) if cfg.proxy.dir else out
-    if (root / "proxy" / MANIFEST).is_file():
-        check_files(root / "proxy")  # a damaged set is named now, not after Ray and training
+    lay = run_layout(cfg)
+    if _proxy_complete(lay.proxy):
+        check_files(lay.proxy)  # a damaged set is named now, not after Ray and training
     else:
         check_generator(cfg)
-    names = _class_names(cfg, root)
+    names = _class_names(cfg, lay.proxy)
     prompt_only = cfg.aspkd.baseline == "prompt_only"
-    n = check_budget(cfg, len(names), _train_pool_size(cfg, root, names))
+    n = check_budget(cfg, len(names), _train_pool_size(cfg, lay.proxy, names))
     check_victim(cfg, train=train_victim)
     if prompt_only:
         return
     if cfg.victim.endpoint:
         check_endpoint(cfg.victim.endpoint, timeout_s=min(cfg.victim.timeout_s, 5.0))
-    check_ledger(cfg, cfg.budget.ledger or str(out / "ledger"), service_budget or n,
-                 len(names), replay=trial is None)
+    check_ledger(cfg, lay.ledger, service_budget or n, len(names), replay=trial is None)
 
 
-def ensure_proxy(cfg: Config, out: Path) -> Path:
-    """<proxy.dir or out>/proxy: generated (or resumed) unless a complete one is there."""
+def ensure_proxy(cfg: Config) -> str:
+    """The proxy set's location (run_layout(cfg).proxy): generated (or resumed) unless a
+    complete one is there."""
     from aspkd_ray.generation import ensure_generator, generate_proxy
 
-    out = Path(cfg.proxy.dir) if cfg.proxy.dir else out
-    proxy = out / "proxy"
-    if not (proxy / "_manifest.json").exists():
+    proxy = run_layout(cfg).proxy
+    if not _proxy_complete(proxy):
         if cfg.generator.kind == "ddpm":
             ensure_generator(cfg)
-        generate_proxy(cfg, out)
+        generate_proxy(cfg, proxy.rsplit("/", 1)[0])  # the folder that holds proxy/
     return proxy
 
 
@@ -242,12 +251,15 @@ def run_steal(cfg: Config, *, trial: str | None = None,
     from aspkd_ray.tracking import mlflow_run
     from aspkd_ray.train.attack import AttackJob, load_round, run_attack
 
-    out = Path(cfg.output_dir).resolve()
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"output_dir: {out} is a file; expected a folder (new or a run's).")
-    preflight(cfg, out, train_victim=train_victim, service_budget=service_budget,
-              trial=trial)
-    out.mkdir(parents=True, exist_ok=True)
+    lay = run_layout(cfg)
+    if not storage.is_uri(lay.root):
+        out = Path(lay.root)
+        if out.exists() and not out.is_dir():
+            raise ConfigError(f"storage root {out} is a file; expected a folder (new or a "
+                              f"run's).")
+    preflight(cfg, train_victim=train_victim, service_budget=service_budget, trial=trial)
+    if not storage.is_uri(lay.root):
+        Path(lay.root).mkdir(parents=True, exist_ok=True)
     spec = get_spec(cfg.dataset.name)
     size, chans = input_shape(cfg)
     times: dict[str, float] = {}
@@ -258,7 +270,7 @@ def run_steal(cfg: Config, *, trial: str | None = None,
     ensure_victim(cfg, train=train_victim)
     times["victim"] = time.time() - t
     t = time.time()
-    proxy = load_proxy_set(ensure_proxy(cfg, out))
+    proxy = load_proxy_set(ensure_proxy(cfg))
     times["proxy"] = time.time() - t
     num_classes = len(proxy.class_names) or spec.num_classes
     train_mask = proxy.split == "train"
@@ -268,7 +280,7 @@ def run_steal(cfg: Config, *, trial: str | None = None,
     x_all = to_tensor(proxy.images, size, chans)
     pool = ProxyPool(x=x_all[torch.as_tensor(tr)], classes=proxy.classes[tr],
                      x_val=x_all[torch.as_tensor(va)], classes_val=proxy.classes[va])
-    ledger = cfg.budget.ledger or str(out / "ledger")
+    ledger = lay.ledger
     prompt_only = cfg.aspkd.baseline == "prompt_only"
 
     with mlflow_run(cfg, f"steal-{cfg.dataset.name}", tags={"stage": "steal"}) as run:
@@ -295,7 +307,7 @@ def run_steal(cfg: Config, *, trial: str | None = None,
                         images_ref=_put(proxy.images[tr]), num_classes=num_classes,
                         budget_total=service_budget or n, ledger_uri=ledger,
                         val_labels=val_labels, trial=trial)
-        rounds = run_attack(job, out / "ray_train")
+        rounds = run_attack(job, lay.train)
         times["attack"] = time.time() - t
 
         # Evaluation: the experimenter's oracle, only now, and never handed to the attack.
@@ -358,17 +370,19 @@ def run_steal(cfg: Config, *, trial: str | None = None,
             "wall_time_s": {k: round(v, 1) for k, v in times.items()},
             "mlflow_run_id": run.info.run_id,
             "mlflow_uri": mlflow.get_tracking_uri(),
-            "output_dir": str(out),
+            "output_dir": lay.root,
         }
         summary["wall_time_s"]["total"] = round(time.time() - t_all, 1)
-        plot = plot_attack(summary, out / "agreement.png",
-                           confusion(final_classes, victim_test, num_classes)
-                           if final_classes is not None else None, proxy.class_names)
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
         mlflow.log_metric("agreement_final", final)
         mlflow.log_metric("pseudo_label_agreement", summary["pseudo_label_agreement"] or 0.0)
-        mlflow.log_artifact(str(out / "summary.json"))
-        mlflow.log_artifact(str(plot))
+        with tempfile.TemporaryDirectory(prefix="aspkd-report-") as tmp:
+            plot_attack(summary, Path(tmp) / "agreement.png",
+                               confusion(final_classes, victim_test, num_classes)
+                               if final_classes is not None else None, proxy.class_names)
+            (Path(tmp) / "summary.json").write_text(json.dumps(summary, indent=2))
+            for name, target in (("summary.json", lay.summary), ("agreement.png", lay.plot)):
+                storage.write_bytes(*storage.resolve(target), (Path(tmp) / name).read_bytes())
+                mlflow.log_artifact(str(Path(tmp) / name))
         _log_student(student, x_test[:4])
     return summary
 

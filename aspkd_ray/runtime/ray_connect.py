@@ -18,6 +18,11 @@ log = logging.getLogger(__name__)
 # Every worker process of our jobs runs this first (ray.init's worker_process_setup_hook).
 WORKER_SETUP_HOOK = "aspkd_ray.runtime.ray_connect.quiet_train_cleaner"
 _CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
+_CALLBACK_LOGGER = "ray.train.v2._internal.callbacks.placement_group_callback"
+# What those loggers say that is not about the run (a busy machine makes the second one time
+# out while the controller stops; the cleaner then exits with the controller anyway).
+_CLEANER_NOISE = ("Failed to query Ray Train Controller actor state",
+                  "Failed to stop PlacementGroupCleaner gracefully")
 _CLEANER_THREAD = "PlacementGroupCleanerMonitor"
 
 
@@ -108,23 +113,26 @@ def sync_auth_mode() -> None:
 
 class _DropCleanerNoise(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        return "Failed to query Ray Train Controller actor state" not in record.getMessage()
+        return not any(noise in record.getMessage() for noise in _CLEANER_NOISE)
 
 
 def quiet_train_cleaner() -> None:
     """Silence Ray Train's placement-group cleaner where it cannot work (Ray 2.60).
 
     Ray Train starts a detached `PlacementGroupCleaner` actor that polls the State API every
-    second. Without a dashboard (our embedded Ray has none) each poll logs a warning, and
+    second. Without a dashboard (our embedded Ray has none) each poll logs a warning; on a
+    busy machine stopping it at the end of the run times out with a logged traceback; and
     where several Ray instances run on one machine its poll raises ConnectionError ("Found
     multiple active Ray instances") and the monitor thread dies with a traceback, which
     log_to_driver prints into our logs. Both say nothing about the run. Installed in every
     worker process through `ray.init(runtime_env={"worker_process_setup_hook": ...})`; the
     filter and hook touch only that logger and that thread. Idempotent.
     """
+    for name in (_CLEANER_LOGGER, _CALLBACK_LOGGER):
+        noisy = logging.getLogger(name)
+        if not any(isinstance(f, _DropCleanerNoise) for f in noisy.filters):
+            noisy.addFilter(_DropCleanerNoise())
     logger = logging.getLogger(_CLEANER_LOGGER)
-    if not any(isinstance(f, _DropCleanerNoise) for f in logger.filters):
-        logger.addFilter(_DropCleanerNoise())
     previous = threading.excepthook
     if getattr(previous, "_aspkd_quiet", False):
         return

@@ -31,7 +31,9 @@ from typing import Any
 
 import yaml
 
+from aspkd_ray import storage
 from aspkd_ray.config import Config, ConfigError, from_dict, total_budget
+from aspkd_ray.layout import join, run_layout
 
 log = logging.getLogger(__name__)
 
@@ -115,13 +117,18 @@ def _search_space(space: dict[str, dict[str, list]]) -> dict[str, Any]:
     return out
 
 
-def trial_config(spec: SweepSpec, params: dict[str, Any], root: Path, trial: str) -> Config:
-    """The trial's Config: base + overrides + its parameters, with shared proxy and ledger."""
+def trial_config(spec: SweepSpec, params: dict[str, Any], shared: dict[str, str],
+                 trial: str) -> Config:
+    """The trial's Config: base + overrides + its parameters, its own storage root under the
+    sweep's (trials/<trial>), and the sweep's shared proxy set and ledger."""
     sets = [f"{k}={json.dumps(v)}" for k, v in sorted(params.items())]
-    shared = [f"output_dir={json.dumps(str(root / 'trials' / trial))}",
-              f"proxy.dir={json.dumps(str(root))}",
-              f"budget.ledger={json.dumps(str(root / 'ledger'))}"]
-    return from_dict(spec.base, spec.overrides + sets + shared)
+    own = join(shared["root"], "trials", trial)
+    pins = [f"storage.root={json.dumps(own)}",
+            f"proxy.dir={json.dumps(shared['proxy_parent'])}",
+            f"budget.ledger={json.dumps(shared['ledger'])}"]
+    if not storage.is_uri(own):
+        pins.append(f"output_dir={json.dumps(own)}")
+    return from_dict(spec.base, spec.overrides + sets + pins)
 
 
 def _trial(config: dict) -> None:
@@ -131,11 +138,11 @@ def _trial(config: dict) -> None:
     from aspkd_ray.jobs.steal import run_steal
 
     spec: SweepSpec = config.pop("__spec__")
-    root = Path(config.pop("__root__"))
+    shared = config.pop("__shared__")
     budget_cap = config.pop("__service_budget__")
     ctx = ray.tune.get_context()
     trial = ctx.get_trial_name() or ctx.get_trial_id()
-    cfg = trial_config(spec, config, root, trial)
+    cfg = trial_config(spec, config, shared, trial)
     summary = run_steal(cfg, trial=trial, service_budget=budget_cap)
     ray.tune.report({"agreement": summary["agreement"], "calls_used": summary["calls_used"],
                      "pseudo_label_agreement": summary["pseudo_label_agreement"] or 0.0,
@@ -150,16 +157,17 @@ def run_sweep(spec: SweepSpec, output_dir: str | Path) -> list[dict]:
     from aspkd_ray.jobs.steal import ensure_proxy, ensure_victim
     from aspkd_ray.runtime import connect
 
-    root = Path(output_dir).resolve()
-    root.mkdir(parents=True, exist_ok=True)
-    base_cfg = from_dict(spec.base, spec.overrides + [f"output_dir={json.dumps(str(root))}"])
+    base_cfg = from_dict(spec.base, spec.overrides + [f"output_dir={json.dumps(str(output_dir))}"])
+    lay = run_layout(base_cfg)
+    if not storage.is_uri(lay.root):
+        Path(lay.root).mkdir(parents=True, exist_ok=True)
     connect(base_cfg.ray.address, base_cfg.ray.namespace)
     # Shared inputs are made once, before trials start.
     ensure_victim(base_cfg)
-    ensure_proxy(base_cfg, root)
+    proxy = ensure_proxy(base_cfg)
     from aspkd_ray.generation import load_proxy_set
 
-    num_classes = len(load_proxy_set(root / "proxy").class_names)
+    num_classes = len(load_proxy_set(proxy).class_names)
     n = total_budget(base_cfg, num_classes)
     service_budget = spec.global_budget or n * max(spec.num_trials(), 1)
     # Trials run in other working directories: pin every path to what the driver resolved.
@@ -173,11 +181,12 @@ def run_sweep(spec: SweepSpec, output_dir: str | Path) -> list[dict]:
     spec.overrides = spec.overrides + pinned + [f"budget.per_trial={n}",
                                        "ray.teacher_service="
                                        f"{base_cfg.ray.teacher_service}-sweep"]
+    shared = {"root": lay.root, "proxy_parent": proxy.rsplit("/", 1)[0], "ledger": lay.ledger}
     # The shared teacher service is started here, by the driver, so it outlives every trial.
     from aspkd_ray.teacher import connect_teacher_service
 
     service_cfg = from_dict(spec.base, spec.overrides + [
-        f"output_dir={json.dumps(str(root))}", f"budget.ledger={json.dumps(str(root / 'ledger'))}"])
+        f"output_dir={json.dumps(str(output_dir))}", f"budget.ledger={json.dumps(lay.ledger)}"])
     connect_teacher_service(service_cfg, num_classes, budget=service_budget)
     resources = ray.cluster_resources()
     gpus, cpus = resources.get("GPU", 0.0), resources.get("CPU", 1.0)
@@ -187,18 +196,21 @@ def run_sweep(spec: SweepSpec, output_dir: str | Path) -> list[dict]:
         # Trials' Train workers share the CPUs; the teacher service and drivers keep 0.5.
         per = max(round((cpus - 0.5 - 0.1 * concurrent) / concurrent, 2), 0.1)
         spec.overrides.append(f"ray.cpus_per_worker={per}")
-    (root / "sweep.json").write_text(json.dumps(dataclasses.asdict(spec), indent=2))
+    _write(join(lay.root, "sweep.json"), dataclasses.asdict(spec))
     log.info("sweep: %d trial(s), %d at a time, service budget %d (n = %d per trial)",
              spec.num_trials(), concurrent, service_budget, n)
-    param_space = {**_search_space(spec.space), "__spec__": spec, "__root__": str(root),
+    param_space = {**_search_space(spec.space), "__spec__": spec, "__shared__": shared,
                    "__service_budget__": service_budget}
+    tune_fs, tune_path = storage.resolve(lay.tune)
     tuner = tune.Tuner(
         tune.with_resources(_trial, {"CPU": 0.1}),
         param_space=param_space,
         tune_config=tune.TuneConfig(metric=spec.metric, mode=spec.mode,
                                     num_samples=spec.num_samples,
                                     max_concurrent_trials=concurrent),
-        run_config=tune.RunConfig(name="sweep", storage_path=str(root / "ray_tune")),
+        run_config=tune.RunConfig(name="sweep", storage_path=tune_path,
+                                  storage_filesystem=None if storage.is_local(tune_fs)
+                                  else tune_fs),
     )
     results = tuner.fit()
     rows = []
@@ -215,5 +227,10 @@ def run_sweep(spec: SweepSpec, output_dir: str | Path) -> list[dict]:
         return -value if spec.mode == "max" else value
 
     rows.sort(key=rank)
-    (root / "sweep_results.json").write_text(json.dumps(rows, indent=2, default=str))
+    _write(join(lay.root, "sweep_results.json"), rows)
     return rows
+
+
+def _write(location: str, data: object) -> None:
+    storage.write_bytes(*storage.resolve(location),
+                        json.dumps(data, indent=2, default=str).encode())

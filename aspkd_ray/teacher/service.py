@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 ACTOR_CPUS = 0.25        # fractional: on 2 CPUs the service must not starve Train or Data
 ACTOR_CONCURRENCY = 4    # status calls are answered while a buy waits on the victim
 TASK_RETRIES = 3         # Ray resubmits a buy after a restart; buy is idempotent
+PLACEMENT_TIMEOUT_S = 120.0  # an autoscaler may need a while; an impossible request fails
 
 
 class TeacherService:
@@ -325,13 +326,20 @@ def _get_or_create(cfg: Config, num_classes: int, budget: int, ledger_uri: str):
 
     actor = ray.remote(TeacherService).options(
         name=cfg.ray.teacher_service, namespace=cfg.ray.namespace, get_if_exists=True,
-        max_restarts=-1, max_task_retries=TASK_RETRIES, num_cpus=ACTOR_CPUS,
-        max_concurrency=ACTOR_CONCURRENCY,
+        max_restarts=-1, max_task_retries=TASK_RETRIES, max_concurrency=ACTOR_CONCURRENCY,
+        **placement(cfg.ray.teacher_node),
         # Shared by every trial: never placed inside the calling Tune trial's placement group.
         scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None))
     handle = actor.remote(cfg, num_classes, budget, ledger_uri)
     try:
-        info = ray.get(handle.describe.remote())
+        info = ray.get(handle.describe.remote(), timeout=PLACEMENT_TIMEOUT_S)
+    except ray.exceptions.GetTimeoutError:
+        ray.kill(handle, no_restart=True)
+        raise UserError(f"the teacher service could not be placed within "
+                        f"{PLACEMENT_TIMEOUT_S:.0f} s (ray.teacher_node="
+                        f"{cfg.ray.teacher_node!r}, asking {placement(cfg.ray.teacher_node)}); "
+                        f"the cluster has {ray.cluster_resources()}. Set ray.teacher_node to "
+                        f"head, any, or a custom resource some node has.") from None
     except ray.exceptions.RayActorError as exc:
         raise RuntimeError(f"the teacher service {cfg.ray.teacher_service!r} could not start: "
                            f"{exc}") from exc
@@ -340,6 +348,16 @@ def _get_or_create(cfg: Config, num_classes: int, budget: int, ledger_uri: str):
         _raise_refusal(info)
     _check_running(cfg, info, budget, num_classes, ledger_uri)
     return handle, info
+
+
+def placement(teacher_node: str) -> dict:
+    """The service's resource request: on the head node by default (it outlives worker
+    nodes, and needs no CPU there, so a head with num-cpus 0 still takes it)."""
+    if teacher_node == "head":
+        return {"num_cpus": 0, "resources": {"node:__internal_head__": 0.001}}
+    if teacher_node == "any":
+        return {"num_cpus": ACTOR_CPUS}
+    return {"num_cpus": 0, "resources": {teacher_node: 0.001}}
 
 
 def _check_running(cfg: Config, info: dict, budget: int, num_classes: int,
@@ -373,7 +391,7 @@ def connect_teacher_service(cfg: Config, num_classes: int, budget: int | None = 
     """Get or create the named teacher service and return a client for it.
 
     budget defaults to total_budget(cfg, num_classes); the ledger to budget.ledger, else
-    <output_dir>/ledger. `trial` names a Tune trial, capped by budget.per_trial. Raises
+    <storage root>/ledger. `trial` names a Tune trial, capped by budget.per_trial. Raises
     LedgerMismatch when the running service or the ledger has another budget / output mode,
     LedgerCorrupt when the ledger fails its checks, LedgerBusy when another service (of
     another Ray cluster) writes it, and UserError for a local ledger on a multi-node cluster.
@@ -389,8 +407,9 @@ def connect_teacher_service(cfg: Config, num_classes: int, budget: int | None = 
         raise ValueError(f"budget must be >= 0, got {budget}.")
     if trial is not None and (not isinstance(trial, str) or not trial):
         raise ValueError(f"trial must be a non-empty string or None, got {trial!r}.")
-    uri = normalize_uri(ledger_uri or cfg.budget.ledger
-                        or os.path.join(cfg.output_dir, "ledger"))
+    from aspkd_ray.layout import run_layout
+
+    uri = normalize_uri(ledger_uri or run_layout(cfg).ledger)
     cfg = _resolved(cfg)
     connect(cfg.ray.address, cfg.ray.namespace)
     nodes = len([n for n in ray.nodes() if n.get("Alive")])
