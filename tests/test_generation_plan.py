@@ -80,6 +80,19 @@ def test_shards_cover_the_plan_once():
     assert make_plan(_cfg()).shard_size % _cfg().generator.batch_size == 0
 
 
+def test_default_shards_are_whole_batches_and_enough_to_share_out():
+    # A shard is one actor's unit of work: a small set still gets several.
+    small = make_plan(from_dict({"generator": {"batch_size": 128},
+                                 "proxy": {"per_class": 20}}), NAMES)  # 200 images
+    assert small.shard_size == 128 and small.num_shards == 2  # one batch per shard
+    mid = make_plan(from_dict({"generator": {"batch_size": 16},
+                               "proxy": {"per_class": 100}}), NAMES)
+    assert mid.shard_size % 16 == 0 and mid.num_shards >= 8
+    big = make_plan(from_dict({"generator": {"batch_size": 16},
+                               "proxy": {"per_class": 1000}}), NAMES)
+    assert big.shard_size == 512  # about 512 images once the set is large
+
+
 def test_generator_dir_differs_per_scenario_and_honours_model(tmp_path):
     digits = from_dict({"cache_dir": str(tmp_path)})
     xdomain = from_dict({"cache_dir": str(tmp_path), "dataset": {"name": "digits-xdomain"}})
@@ -146,3 +159,9 @@ def test_pool_is_sized_from_reported_resources(monkeypatch):
     assert pool.num == 4 and pool.gpus == 0 and 15 <= pool.cpus <= 16
     assert plan_pool(from_dict({})).num == 64
     assert plan_pool(from_dict({"ray": {"generation_actors": 2}})).num == 2
+    # Unequal nodes: no actor asks for more CPUs than the smallest node has (it would wait
+    # forever), unless ray.cpus_per_worker says so.
+    fake({"CPU": 10.0}, {"CPU": 10.0}, [8.0, 1.0, 1.0])
+    pool = plan_pool(from_dict(sd))
+    assert pool.num == 3 and pool.cpus <= 1.0
+    assert plan_pool(from_dict({**sd, "ray": {"cpus_per_worker": 2.0}})).cpus == 2.0

@@ -22,26 +22,24 @@ def register(sub) -> None:
     p = sub.add_parser("generate", help="generate the proxy data set with Ray Data",
                        description="Generate the proxy set (m images, classes and prompt "
                                    "templates drawn as in Algorithm 1) on Ray Data generator "
-                                   "actors into <proxy.dir or OUTPUT_DIR>/proxy/ as Parquet "
-                                   "plus _manifest.json. An interrupted run resumes where it "
+                                   "actors into <proxy.dir or storage.root or OUTPUT_DIR>/"
+                                   "proxy/ (a local folder or a URI such as s3://bucket/run) "
+                                   "as Parquet plus _manifest.json; the actors write the "
+                                   "shards themselves. An interrupted run resumes where it "
                                    "stopped. Trains the embedded DDPM first if needed.")
     add_common(p)
     p.set_defaults(func=run_generate)
 
     p = sub.add_parser("show-proxy", help="write a PNG grid of proxy samples per class",
                        description="Write a grid of proxy images, one row per class, from "
-                                   "<proxy.dir or OUTPUT_DIR>/proxy (like the paper's "
-                                   "Figure 2).")
+                                   "<proxy.dir or storage.root or OUTPUT_DIR>/proxy (like "
+                                   "the paper's Figure 2) to a local PNG.")
     add_common(p)
     p.add_argument("--per-class", type=int, default=8, help="images per class (default 8)")
     p.add_argument("--out", metavar="PATH", default=None,
-                   help="PNG to write (default OUTPUT_DIR/proxy_grid.png)")
+                   help="PNG to write, a local path or a URI (default OUTPUT_DIR/"
+                        "proxy_grid.png, on this machine)")
     p.set_defaults(func=run_show)
-
-
-def proxy_root(cfg) -> Path:
-    """The folder holding proxy/: proxy.dir (shared by runs and sweeps), else output_dir."""
-    return Path(cfg.proxy.dir or cfg.output_dir)
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -65,19 +63,20 @@ def run_train(args: argparse.Namespace) -> int:
 def run_generate(args: argparse.Namespace) -> int:
     import mlflow
 
-    from aspkd_ray.generation import ensure_generator, generate_proxy
+    from aspkd_ray.generation import ensure_generator, generate_proxy_at
     from aspkd_ray.generation.ray_generate import check_generator
+    from aspkd_ray.layout import run_layout
     from aspkd_ray.runtime import connect
     from aspkd_ray.tracking import mlflow_run
 
     cfg = load_config(args)
-    out = proxy_root(cfg)
+    proxy = run_layout(cfg).proxy
     check_generator(cfg)  # a bad plugin fails here, before Ray starts
     if cfg.generator.kind == "ddpm":
         ensure_generator(cfg)
     connect(cfg.ray.address, cfg.ray.namespace)
     with mlflow_run(cfg, "generate", tags={"stage": "generate"}) as run:
-        manifest = generate_proxy(cfg, out)
+        manifest = generate_proxy_at(cfg, proxy)
         stats = manifest.get("run", {})
         mlflow.log_metric("proxy_images", manifest["num_samples"])
         if stats.get("generated") and stats.get("wall_time_s"):
@@ -85,16 +84,18 @@ def run_generate(args: argparse.Namespace) -> int:
             mlflow.log_metric("images_per_s", stats["generated"] / stats["wall_time_s"])
         mlflow.log_dict(manifest, "proxy_manifest.json")
     splits = json.dumps(manifest["splits"])
-    print(f"proxy set: {manifest['num_samples']} images ({splits}) in {out / 'proxy'}; "
+    print(f"proxy set: {manifest['num_samples']} images ({splits}) in {proxy}; "
           f"generator {manifest['generator']}; MLflow run {run.info.run_id}")
     return 0
 
 
 def run_show(args: argparse.Namespace) -> int:
     from aspkd_ray.generation import show_proxy_grid
+    from aspkd_ray.layout import run_layout
 
     cfg = load_config(args)
-    out = Path(args.out) if args.out else Path(cfg.output_dir) / "proxy_grid.png"
-    path = show_proxy_grid(proxy_root(cfg) / "proxy", out, per_class=args.per_class)
+    # A picture for the user: on this machine, even when the run's storage is elsewhere.
+    out = args.out or Path(cfg.output_dir) / "proxy_grid.png"
+    path = show_proxy_grid(run_layout(cfg).proxy, out, per_class=args.per_class)
     print(f"wrote {path}")
     return 0

@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
+
+from aspkd_ray import storage
 
 CELL = 64       # each image is shown at least this big (nearest-neighbour upscaling)
 LABEL_W = 96    # room for the class name left of each row
 PAD = 2
 
 
-def show_proxy_grid(proxy_dir: str | Path, out_png: str | Path, per_class: int = 8) -> Path:
-    """Write `per_class` samples of every class (the first by sample id) as a PNG grid."""
+def show_proxy_grid(proxy_dir: str | Path, out_png: str | Path,
+                    per_class: int = 8) -> Path | str:
+    """Write `per_class` samples of every class (the first by sample id) as a PNG grid.
+    `proxy_dir` and `out_png` are local paths or URIs; returns where the PNG went."""
     from PIL import Image, ImageDraw
 
     from aspkd_ray.generation.store import load_proxy_set
@@ -35,7 +40,13 @@ def show_proxy_grid(proxy_dir: str | Path, out_png: str | Path, per_class: int =
             tile = Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img)
             tile = tile.convert("RGB").resize((cw, ch), Image.NEAREST)
             sheet.paste(tile, (LABEL_W + PAD + col * (cw + PAD), y))
+    buf = io.BytesIO()
+    sheet.save(buf, format="PNG")
+    if storage.is_uri(str(out_png)):
+        fs, path = storage.resolve(str(out_png))
+        storage.write_bytes(fs, path, buf.getvalue())
+        return str(out_png)
     out = Path(out_png)
     out.parent.mkdir(parents=True, exist_ok=True)
-    sheet.save(out)
+    out.write_bytes(buf.getvalue())
     return out

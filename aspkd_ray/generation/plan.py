@@ -117,10 +117,17 @@ def num_samples(cfg: Config, num_classes: int) -> int:
     return cfg.proxy.per_class * num_classes
 
 
-def default_shard_size(batch_size: int) -> int:
+MIN_SHARDS = 8  # a shard is one actor's unit of work: enough of them to keep a pool busy
+
+
+def default_shard_size(batch_size: int, num_samples: int | None = None) -> int:
     # A whole number of generator batches (so a resumed shard is batched exactly as a fresh
-    # one), about 512 images: small enough to lose little on interruption.
-    return batch_size * max(1, round(512 / batch_size))
+    # one), about 512 images: small enough to lose little on interruption; fewer batches
+    # when that would leave a small set fewer than MIN_SHARDS shards to share out.
+    batches = max(1, round(512 / batch_size))
+    if num_samples is not None:
+        batches = max(1, min(batches, num_samples // (MIN_SHARDS * batch_size)))
+    return batch_size * batches
 
 
 def _stratified_quota(counts: np.ndarray, fraction: float) -> np.ndarray:
@@ -141,10 +148,10 @@ def make_plan(cfg: Config, class_names: tuple[str, ...] | None = None,
     names = tuple(class_names or class_names_for(cfg))
     if not names:
         raise ValueError("make_plan: no class names; expected at least one class.")
-    shard_size = shard_size or default_shard_size(cfg.generator.batch_size)
+    m, c = num_samples(cfg, len(names)), len(names)
+    shard_size = shard_size or default_shard_size(cfg.generator.batch_size, m)
     if shard_size < 1:
         raise ValueError(f"shard_size: got {shard_size}; expected a positive integer.")
-    m, c = num_samples(cfg, len(names)), len(names)
     templates = list(cfg.generator.templates)
     gen = generator_id(cfg)
     digests = [_digest("aspkd-sample", cfg.seed, i) for i in range(m)]

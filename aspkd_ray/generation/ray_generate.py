@@ -1,86 +1,115 @@
-"""Generating the proxy set with Ray Data: plan rows → generator actors → Parquet shards.
+"""Generating the proxy set with Ray Data: pending shards → generator actors → Parquet.
 
-The plan's rows (index, class, prompt, seed, ...) go to Ray Data as blocks of one generator
-batch each; `map_batches` runs them on a pool of `GeneratorActor`s (each loads its model
-once; one GPU per actor where the cluster has GPUs, fractional CPUs otherwise, the pool sized
-from what Ray reports). The driver collects the rows shard by shard and writes each shard
-atomically as soon as it is complete. A rerun skips the shards already on disk, so an
-interrupted run resumes; the manifest is written only after every shard is checked against
-the plan (no duplicates, no gaps).
+The shards still to make go to Ray Data as one row each; `map_batches` runs them on a pool of
+`GeneratorActor`s (each loads its model once; one GPU per actor where the cluster has GPUs,
+fractional CPUs otherwise, the pool sized from what Ray reports). An actor generates a whole
+shard, in the plan's generator batches, and writes it itself, atomically, straight to the
+proxy folder (a local path, or a URI such as s3://bucket/run/proxy), then returns one small
+row (shard, rows, a digest of its ids, the node that wrote it). The driver never receives an
+image and needs no disk of its own: it writes `_plan.json` first and `_manifest.json` last,
+after reading back every shard's ids. A rerun skips the shards already there, so an
+interrupted run resumes; an actor lost with its node is restarted by Ray Data and its shard
+made again (the same images: each is fixed by its sample's seed and its batch).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import time
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
+from aspkd_ray import storage
 from aspkd_ray.config import Config, ConfigError, config_hash
 from aspkd_ray.errors import UserError
 from aspkd_ray.generation import store
 from aspkd_ray.generation.plan import SPLITS, SamplePlan, class_names_for, make_plan
+from aspkd_ray.layout import join
 from aspkd_ray.runtime import WorkerPlan, plan_workers
 
 log = logging.getLogger(__name__)
 
 EXECUTORS = ("ray", "local")
-RESERVE_CPUS = 0.5  # for the driver (it writes the shards) and Ray Data's own tasks
+RESERVE_CPUS = 0.5  # for the driver and Ray Data's own tasks
+
+
+def ids_digest(ids: list[str]) -> str:
+    """What an actor reports of a shard's ids: the driver checks it against the plan."""
+    return hashlib.sha256("\n".join(ids).encode()).hexdigest()[:16]
 
 
 class GeneratorActor:
-    """Ray Data callable class: loads the generator once, turns plan rows into images."""
+    """Ray Data callable class: loads the generator once; for each shard index it is given,
+    generates the shard's images and writes the shard to the proxy folder."""
 
-    def __init__(self, cfg: Config, class_names: tuple[str, ...], image_size: int,
-                 channels: int, generator: str, in_ray: bool = True) -> None:
+    def __init__(self, cfg: Config, plan: SamplePlan, proxy_dir: str, image_size: int,
+                 channels: int, in_ray: bool = True) -> None:
         import torch
 
         from aspkd_ray.generation.backends import build_generator
 
+        self.node = "local"
         if in_ray:  # as many threads as CPUs this actor was given (at least one)
             import ray
 
-            cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 0.0)
+            ctx = ray.get_runtime_context()
+            cpus = ctx.get_assigned_resources().get("CPU", 0.0)
             if cpus:
                 torch.set_num_threads(max(1, int(cpus + 0.5)))
-        self.generate = build_generator(cfg, class_names)
-        self.size, self.channels, self.generator = image_size, channels, generator
+            self.node = ctx.get_node_id()
+        self.generate = build_generator(cfg, plan.class_names)
+        self.plan, self.batch_size = plan, cfg.generator.batch_size
+        self.proxy = store.open_dir(proxy_dir)  # resolved once (an S3 client per actor)
+        self.size, self.channels = image_size, channels
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = [self._shard(int(k)) for k in batch.column("shard").to_pylist()]
+        return pa.table({
+            "shard": pa.array([r[0] for r in rows], pa.int64()),
+            "rows": pa.array([r[1] for r in rows], pa.int64()),
+            "ids_sha256": pa.array([r[2] for r in rows], pa.string()),
+            "node": pa.array([self.node] * len(rows), pa.string()),
+            "seconds": pa.array([r[3] for r in rows], pa.float64()),
+        })
+
+    def _shard(self, k: int) -> tuple[int, int, str, float]:
         from aspkd_ray.datasets import png_encode
         from aspkd_ray.generation.backends import to_victim_format
 
-        pngs: list[bytes] = [b""] * batch.num_rows
-        chunks = batch.column("chunk").to_numpy()
-        # A chunk is one planned generator batch; keeping it whole keeps batching (and so
-        # images) identical between a fresh and a resumed run.
-        for chunk in np.unique(chunks):
-            rows = np.flatnonzero(chunks == chunk)
-            part = batch.take(pa.array(rows))
-            images = self.generate(part.column("prompt").to_pylist(),
-                                   part.column("class_id").to_pylist(),
-                                   part.column("seed").to_pylist())
-            if len(images) != len(rows):
+        t0 = time.time()
+        sl = self.plan.shard_slice(k)
+        cols = self.plan.rows(sl)
+        pngs: list[bytes] = []
+        # The plan's generator batches, from the shard's start: a resumed shard is batched
+        # (so its images are) exactly as in an uninterrupted run.
+        for start in range(0, sl.stop - sl.start, self.batch_size):
+            part = slice(start, min(start + self.batch_size, sl.stop - sl.start))
+            images = self.generate(cols["prompt"][part].tolist(),
+                                   cols["class_id"][part].tolist(),
+                                   cols["seed"][part].tolist())
+            if len(images) != part.stop - part.start:
                 raise RuntimeError(f"the generator returned {len(images)} images for "
-                                   f"{len(rows)} prompts; expected one per prompt.")
-            for r, img in zip(rows, to_victim_format(images, self.size, self.channels),
-                              strict=True):
-                pngs[r] = png_encode(img)
-        return pa.table({
-            "index": batch.column("index"),
-            "sample_id": batch.column("sample_id"),
-            "class_id": batch.column("class_id"),
-            "class_name": batch.column("class_name"),
-            "prompt": batch.column("prompt"),
-            "seed": batch.column("seed"),
-            "generator": pa.array([self.generator] * batch.num_rows, pa.string()),
+                                   f"{part.stop - part.start} prompts; expected one per "
+                                   f"prompt.")
+            pngs += [png_encode(img)
+                     for img in to_victim_format(images, self.size, self.channels)]
+        ids = cols["sample_id"].tolist()
+        n = len(ids)
+        table = pa.table({
+            "sample_id": pa.array(ids, pa.string()),
+            "class_id": pa.array(cols["class_id"], pa.int64()),
+            "class_name": pa.array(cols["class_name"].tolist(), pa.string()),
+            "prompt": pa.array(cols["prompt"].tolist(), pa.string()),
+            "seed": pa.array(cols["seed"], pa.int64()),
+            "generator": pa.array([self.plan.generator] * n, pa.string()),
             "png": pa.array(pngs, pa.binary()),
-            "split": batch.column("split"),
+            "split": pa.array(cols["split"].tolist(), pa.string()),
         })
+        store.write_shard(self.proxy, k, table, writer=self.node)
+        return k, n, ids_digest(ids), time.time() - t0
 
 
 def plan_pool(cfg: Config) -> WorkerPlan:
@@ -91,7 +120,9 @@ def plan_pool(cfg: Config) -> WorkerPlan:
     16 x 16, and stay fast when the cores are shared, where OpenMP threads stall); a
     text-to-image pipeline or plugin gets one actor per node (one copy of a large model per
     node, all its threads). Requests are fractional and leave RESERVE_CPUS for the driver
-    and Ray Data, as whole-CPU actors plus a Ray Data task deadlock on 2 CPUs.
+    and Ray Data, as whole-CPU actors plus a Ray Data task deadlock on 2 CPUs. Without
+    ray.cpus_per_worker, an actor never asks for more CPUs than the smallest node with CPUs
+    has: on a cluster of unequal nodes, an actor that fits on no node would wait forever.
     """
     import ray
 
@@ -99,16 +130,19 @@ def plan_pool(cfg: Config) -> WorkerPlan:
     use_gpu = cfg.ray.use_gpu if cfg.ray.use_gpu is not None else total.get("GPU", 0) >= 1
     free_cpu = free.get("CPU", total.get("CPU", 1.0))
     resources = {"CPU": free_cpu, "GPU": total.get("GPU", 0.0)}
+    nodes = [n["Resources"]["CPU"] for n in ray.nodes()
+             if n.get("Alive") and n.get("Resources", {}).get("CPU", 0) > 0]
     requested = cfg.ray.generation_actors
     if not use_gpu and requested is None:
         if cfg.generator.kind == "ddpm":
             requested = max(1, int(free_cpu - RESERVE_CPUS + 0.5))
         else:
-            nodes = [n for n in ray.nodes()
-                     if n.get("Alive") and n["Resources"].get("CPU", 0) > 0]
             requested = max(1, len(nodes))
-    return plan_workers(requested=requested, use_gpu=use_gpu, reserve_cpus=RESERVE_CPUS,
+    pool = plan_workers(requested=requested, use_gpu=use_gpu, reserve_cpus=RESERVE_CPUS,
                         cpus_per_worker=cfg.ray.cpus_per_worker, resources=resources)
+    if nodes and cfg.ray.cpus_per_worker is None and pool.cpus > min(nodes):
+        pool = dataclasses.replace(pool, cpus=float(min(nodes)))
+    return pool
 
 
 def proxy_config_hash(cfg: Config, plan: SamplePlan, size: int, channels: int) -> str:
@@ -189,72 +223,41 @@ def _resolved(cfg: Config) -> Config:
     return dataclasses.replace(cfg, generator=g)
 
 
-def _blocks(plan: SamplePlan, shards: list[int], batch_size: int) -> list[pa.Table]:
-    """One Arrow table per planned generator batch (a 'chunk'), never crossing a shard."""
-    blocks = []
-    for k in shards:
-        sl = plan.shard_slice(k)
-        for start in range(sl.start, sl.stop, batch_size):
-            part = slice(start, min(start + batch_size, sl.stop))
-            cols = plan.rows(part)
-            blocks.append(pa.table({
-                "index": pa.array(cols["index"], pa.int64()),
-                "chunk": pa.array(np.full(part.stop - part.start, start), pa.int64()),
-                "sample_id": pa.array(cols["sample_id"].tolist(), pa.string()),
-                "class_id": pa.array(cols["class_id"], pa.int64()),
-                "class_name": pa.array(cols["class_name"].tolist(), pa.string()),
-                "prompt": pa.array(cols["prompt"].tolist(), pa.string()),
-                "seed": pa.array(cols["seed"], pa.int64()),
-                "split": pa.array(cols["split"].tolist(), pa.string()),
-            }))
-    return blocks
+class _Progress:
+    """The driver's view of a run: the small rows actors return, checked against the plan."""
 
-
-class _ShardWriter:
-    """Collects generated rows (in any order) and writes each shard once it is complete."""
-
-    def __init__(self, plan: SamplePlan, proxy_dir: Path, shards: list[int]) -> None:
-        self.plan, self.proxy_dir = plan, proxy_dir
-        self.parts: dict[int, list[pa.Table]] = {k: [] for k in shards}
-        self.rows = dict.fromkeys(shards, 0)
-        self.done: set[int] = set()
-        self.total, self.written, self.images, self.t0 = len(shards), 0, 0, time.time()
+    def __init__(self, plan: SamplePlan, proxy: store.ProxyDir, shards: list[int]) -> None:
+        self.plan, self.proxy = plan, proxy
+        self.pending, self.nodes = set(shards), set()
+        self.total, self.images, self.t0 = len(shards), 0, time.time()
 
     def add(self, table: pa.Table) -> None:
-        shard = pc.divide(table.column("index"), self.plan.shard_size)
-        for k in np.unique(shard.to_numpy()).tolist():
-            if k not in self.parts:
-                what = "already written" if k in self.done else "not requested in this run"
-                raise RuntimeError(f"generated rows for shard {k}, {what}: duplicates.")
-            part = table.filter(pc.equal(shard, k))
-            self.parts[k].append(part)
-            self.rows[k] += part.num_rows
-            sl = self.plan.shard_slice(k)
-            if self.rows[k] == sl.stop - sl.start:
-                self._write(k)
-
-    def _write(self, k: int) -> None:
-        sl = self.plan.shard_slice(k)
-        table = pa.concat_tables(self.parts.pop(k)).sort_by("index")
-        if table.column("sample_id").to_pylist() != self.plan.sample_id[sl].tolist():
-            raise RuntimeError(f"shard {k}: generated rows do not match the plan "
-                               f"(duplicates or gaps); nothing was written for it.")
-        store.write_shard(self.proxy_dir, k, table)
-        self.done.add(k)
-        self.written += 1
-        self.images += table.num_rows
-        log.info("proxy shard %d written (%d/%d this run, %.1f images/s)", k, self.written,
-                 self.total, self.images / max(time.time() - self.t0, 1e-9))
+        for row in table.to_pylist():
+            k = int(row["shard"])
+            ids = self.plan.sample_id[self.plan.shard_slice(k)].tolist()
+            if row["ids_sha256"] != ids_digest(ids):
+                raise store.ProxyCorrupt(f"proxy shard {self.proxy.show(store.shard_name(k))}"
+                                         f" was written with ids that do not match the plan; "
+                                         f"rerun `aspkd generate` to regenerate it.")
+            self.nodes.add(row["node"])
+            if k not in self.pending:  # a retried task wrote it again: the same bytes
+                log.debug("proxy shard %d reported again (a retried task)", k)
+                continue
+            self.pending.discard(k)
+            self.images += int(row["rows"])
+            done = self.total - len(self.pending)
+            log.info("proxy shard %d written (%d/%d this run, %.1f images/s)", k, done,
+                     self.total, self.images / max(time.time() - self.t0, 1e-9))
 
     def check_done(self) -> None:
-        if self.parts:
-            missing = sorted(self.parts)
+        if self.pending:
+            missing = sorted(self.pending)
             raise store.ProxyCorrupt(f"generation ended with shards {missing[:10]} of "
-                                     f"{self.proxy_dir} incomplete; rerun `aspkd generate` to "
-                                     f"resume.")
+                                     f"{self.proxy.show()} not written; rerun `aspkd "
+                                     f"generate` to resume.")
 
 
-def _run_ray(cfg: Config, blocks: list[pa.Table], writer: _ShardWriter, ctor: dict) -> None:
+def _run_ray(cfg: Config, shards: list[int], progress: _Progress, ctor: dict) -> None:
     import ray
     from ray.data import ActorPoolStrategy
 
@@ -263,39 +266,43 @@ def _run_ray(cfg: Config, blocks: list[pa.Table], writer: _ShardWriter, ctor: di
     if not ray.is_initialized():  # Ray Data would start a default instance otherwise
         connect(cfg.ray.address, cfg.ray.namespace)
     pool = plan_pool(cfg)
-    size = min(pool.num, len(blocks))  # no idle actors loading a model for nothing
-    log.info("generating %d batches on %d actor(s) with %.2f CPU and %g GPU each", len(blocks),
+    size = min(pool.num, len(shards))  # no idle actors loading a model for nothing
+    log.info("generating %d shards on %d actor(s) with %.2f CPU and %g GPU each", len(shards),
              size, pool.cpus, pool.gpus)
-    remote = {"num_cpus": pool.cpus}
-    if pool.gpus:
-        remote["num_gpus"] = pool.gpus
+    # Explicit requests, so that the pool fits the nodes it was sized for. An actor lost with
+    # its node is restarted and its shards made again (Ray Data's actor defaults: restarts
+    # and task retries without limit); a shard written twice is the same whole file.
+    remote = {"num_cpus": pool.cpus, "num_gpus": pool.gpus or None}
+    # One block and one batch per shard: a shard is owned by one task, and shards spread
+    # over the actors however Ray Data bundles blocks.
+    blocks = [pa.table({"shard": pa.array([k], pa.int64())}) for k in shards]
     ds = ray.data.from_arrow(blocks).map_batches(
-        GeneratorActor, fn_constructor_kwargs=ctor, batch_format="pyarrow",
-        batch_size=cfg.generator.batch_size, compute=ActorPoolStrategy(size=size),
-        **remote)
+        GeneratorActor, fn_constructor_kwargs=ctor, batch_format="pyarrow", batch_size=1,
+        compute=ActorPoolStrategy(size=size), **remote)
     for table in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-        writer.add(table)
+        progress.add(table)
 
 
-def _run_local(blocks: list[pa.Table], writer: _ShardWriter, ctor: dict) -> None:
+def _run_local(shards: list[int], progress: _Progress, ctor: dict) -> None:
     actor = GeneratorActor(**ctor, in_ray=False)
-    for block in blocks:
-        writer.add(actor(block))
+    for k in shards:
+        progress.add(actor(pa.table({"shard": pa.array([k], pa.int64())})))
 
 
-def _verify(plan: SamplePlan, proxy_dir: Path) -> None:
-    """Every planned id exactly once, in the shard it belongs to; nothing else."""
-    expected = {store.shard_path(proxy_dir, k) for k in range(plan.num_shards)}
-    stray = [p for p in store.shard_files(proxy_dir) if p not in expected]
+def _verify(plan: SamplePlan, proxy: store.ProxyDir) -> None:
+    """Every planned id exactly once, in the shard it belongs to; nothing else. Reads only
+    the sample_id column of each shard."""
+    expected = {store.shard_name(k) for k in range(plan.num_shards)}
+    stray = [proxy.show(n) for n in store.shard_names(proxy) if n not in expected]
     if stray:
-        raise store.ProxyCorrupt(f"{proxy_dir} holds shards outside the plan: {stray[:3]}; "
+        raise store.ProxyCorrupt(f"{proxy.show()} holds shards outside the plan: {stray[:3]}; "
                                  f"remove them (or the folder) and rerun `aspkd generate`.")
     for k in range(plan.num_shards):
-        path = store.shard_path(proxy_dir, k)
-        ids = store.read_shard_ids(path)
-        if ids != plan.sample_id[plan.shard_slice(k)].tolist():
-            raise store.ProxyCorrupt(f"proxy shard {path} is missing or does not match the "
-                                     f"plan; rerun `aspkd generate` to regenerate it.")
+        name = store.shard_name(k)
+        if store.shard_ids(proxy, k) != plan.sample_id[plan.shard_slice(k)].tolist():
+            raise store.ProxyCorrupt(f"proxy shard {proxy.show(name)} is missing or does not "
+                                     f"match the plan; rerun `aspkd generate` to regenerate "
+                                     f"it.")
 
 
 def _manifest(cfg: Config, plan: SamplePlan, chash: str, size: int, channels: int) -> dict:
@@ -324,34 +331,35 @@ def _manifest(cfg: Config, plan: SamplePlan, chash: str, size: int, channels: in
     }
 
 
-def _open_plan(cfg: Config, proxy_dir: Path, shard_size: int | None, size: int,
+def _open_plan(cfg: Config, proxy: store.ProxyDir, shard_size: int | None, size: int,
                channels: int) -> tuple[SamplePlan, str]:
     """The plan, with the shard size recorded by the folder's first run; refuses a folder
     that holds another config's proxy set."""
-    plan_file = proxy_dir / store.PLAN
-    record = _read_plan_record(plan_file)
+    record = _read_plan_record(proxy)
     if record is not None:
         shard_size = record["shard_size"]
     plan = make_plan(cfg, class_names_for(cfg), shard_size)
     chash = proxy_config_hash(cfg, plan, size, channels)
     if record is None:
-        store.write_json(plan_file, {"config_hash": chash, "shard_size": plan.shard_size,
-                                     "num_samples": len(plan), "generator": plan.generator})
+        store.write_json_at(proxy, store.PLAN, {"config_hash": chash,
+                                              "shard_size": plan.shard_size,
+                                              "num_samples": len(plan),
+                                              "generator": plan.generator})
     elif record["config_hash"] != chash:
-        raise ProxyMismatch(f"{proxy_dir} holds a proxy set of another config (hash "
+        raise ProxyMismatch(f"{proxy.show()} holds a proxy set of another config (hash "
                             f"{record['config_hash']}, this one {chash}); use another "
-                            f"--output-dir or delete {proxy_dir}.")
+                            f"--output-dir or delete {proxy.show()}.")
     return plan, chash
 
 
-def _read_plan_record(plan_file: Path) -> dict | None:
+def _read_plan_record(proxy: store.ProxyDir) -> dict | None:
     """The folder's plan record, or None when there is none. An unreadable one is dropped
     (with a warning): every shard is then checked against a fresh plan, and the ones that do
     not match it are regenerated, so nothing of another config is kept."""
-    if not plan_file.is_file():
+    if not store.exists(proxy, store.PLAN):
         return None
     try:
-        record = store.read_json(plan_file, "proxy plan")
+        record = store.read_json_at(proxy, store.PLAN, "proxy plan")
         if isinstance(record.get("shard_size"), int) and record["shard_size"] >= 1 \
                 and isinstance(record.get("config_hash"), str):
             return record
@@ -359,68 +367,80 @@ def _read_plan_record(plan_file: Path) -> dict | None:
     except store.ProxyCorrupt as exc:
         problem = str(exc).split(";")[0]
     log.warning("%s: %s; writing a new plan and checking every shard against it",
-                plan_file, problem)
-    plan_file.unlink()
+                proxy.show(store.PLAN), problem)
+    store.delete(proxy, store.PLAN)
     return None
 
 
-def _pending_shards(plan: SamplePlan, proxy_dir: Path) -> list[int]:
+def _pending_shards(plan: SamplePlan, proxy: store.ProxyDir) -> list[int]:
     """Shards still to generate: missing, or not matching the plan (then removed)."""
-    for tmp in proxy_dir.glob("*.tmp"):  # left by an interrupted write
-        tmp.unlink()
+    names = set(storage.list_files(proxy.fs, proxy.path))
+    for tmp in sorted(n for n in names if n.endswith(".tmp")):  # an interrupted local write
+        store.delete(proxy, tmp)
     pending = []
     for k in range(plan.num_shards):
-        path = store.shard_path(proxy_dir, k)
-        if path.exists():
-            if store.read_shard_ids(path) == plan.sample_id[plan.shard_slice(k)].tolist():
+        name = store.shard_name(k)
+        if name in names:
+            if store.shard_ids(proxy, k) == plan.sample_id[plan.shard_slice(k)].tolist():
                 continue
-            log.warning("shard %s does not match the plan; regenerating it", path.name)
-            path.unlink()
+            log.warning("shard %s does not match the plan; regenerating it",
+                        proxy.show(name))
+            store.delete(proxy, name)
         pending.append(k)
     return pending
 
 
 def generate_proxy(cfg: Config, out_dir: str | Path, *, shard_size: int | None = None,
                    executor: str = "ray") -> dict:
-    """Generate (or finish) the proxy set in `out_dir/proxy/`; return its manifest.
+    """Generate (or finish) the proxy set in `out_dir/proxy/` (a local folder or a URI such
+    as s3://bucket/run); return its manifest. See `generate_proxy_at`."""
+    return generate_proxy_at(cfg, join(storage.normalize(str(out_dir)), "proxy"),
+                             shard_size=shard_size, executor=executor)
 
-    Connect to Ray first (`aspkd_ray.runtime.connect`). `shard_size` (images per Parquet
-    file) is fixed by the first run of an output folder. `executor="local"` runs the same
-    actor class in this process, without Ray (debugging, benchmarks).
+
+def generate_proxy_at(cfg: Config, proxy_dir: str | Path, *, shard_size: int | None = None,
+                      executor: str = "ray") -> dict:
+    """Generate (or finish) the proxy set in the folder `proxy_dir` (a local path, or a URI:
+    `aspkd_ray.layout.run_layout(cfg).proxy`); return its manifest.
+
+    Connect to Ray first (`aspkd_ray.runtime.connect`). The generator actors write the
+    shards themselves, so on a cluster `proxy_dir` must be storage every node reaches (object
+    storage, or a shared mount). `shard_size` (images per Parquet file) is fixed by the first
+    run of a folder. `executor="local"` runs the same actor class in this process, without
+    Ray (debugging, benchmarks).
     """
     from aspkd_ray.victim.train import input_shape
 
     if executor not in EXECUTORS:
         raise ValueError(f"executor: got {executor!r}; expected one of: {', '.join(EXECUTORS)}.")
     t0 = time.time()
-    proxy_dir = Path(out_dir) / "proxy"
-    proxy_dir.mkdir(parents=True, exist_ok=True)
+    proxy = store.open_dir(storage.normalize(str(proxy_dir)))
     size, channels = input_shape(cfg)
-    plan, chash = _open_plan(cfg, proxy_dir, shard_size, size, channels)
-    pending = _pending_shards(plan, proxy_dir)
-    manifest_path = proxy_dir / store.MANIFEST
+    plan, chash = _open_plan(cfg, proxy, shard_size, size, channels)
+    pending = _pending_shards(plan, proxy)
+    nodes: set[str] = set()
     if pending:
-        manifest_path.unlink(missing_ok=True)
-        log.info("proxy set: %d images in %d shards, %d to generate (%s)", len(plan),
-                 plan.num_shards, len(pending), plan.generator)
-        ctor = {"cfg": _resolved(cfg), "class_names": plan.class_names, "image_size": size,
-                "channels": channels, "generator": plan.generator}
-        blocks = _blocks(plan, pending, cfg.generator.batch_size)
-        writer = _ShardWriter(plan, proxy_dir, pending)
+        store.delete(proxy, store.MANIFEST)
+        log.info("proxy set: %d images in %d shards, %d to generate (%s) in %s", len(plan),
+                 plan.num_shards, len(pending), plan.generator, proxy.show())
+        ctor = {"cfg": _resolved(cfg), "plan": plan, "proxy_dir": proxy.location,
+                "image_size": size, "channels": channels}
+        progress = _Progress(plan, proxy, pending)
         if executor == "ray":
-            _run_ray(cfg, blocks, writer, ctor)
+            _run_ray(cfg, pending, progress, ctor)
         else:
-            _run_local(blocks, writer, ctor)
-        writer.check_done()
-    _verify(plan, proxy_dir)
-    if not pending and manifest_path.is_file():
+            _run_local(pending, progress, ctor)
+        progress.check_done()
+        nodes = progress.nodes
+    _verify(plan, proxy)
+    if not pending and store.has_manifest(proxy):
         try:
-            return store.read_manifest(proxy_dir)
+            return store.read_manifest(proxy)
         except store.ProxyCorrupt as exc:  # every shard checked above: write it again
             log.warning("%s; writing it again", str(exc).split(";")[0])
     manifest = _manifest(cfg, plan, chash, size, channels)
     generated = sum(plan.shard_slice(k).stop - plan.shard_slice(k).start for k in pending)
     manifest["run"] = {"generated": int(generated), "wall_time_s": round(time.time() - t0, 2),
-                       "executor": executor}
-    store.write_json(manifest_path, manifest)
+                       "executor": executor, "writer_nodes": len(nodes)}
+    store.write_json_at(proxy, store.MANIFEST, manifest)
     return manifest
