@@ -20,7 +20,7 @@ from aspkd_ray.aspkd.rounds import ProxyPool, RoundSettings
 from aspkd_ray.config import Config, ConfigError, num_rounds, to_dict, total_budget
 from aspkd_ray.datasets import get_spec, load_victim_data, to_tensor
 from aspkd_ray.errors import UserError
-from aspkd_ray.layout import join, run_layout
+from aspkd_ray.layout import run_layout
 from aspkd_ray.victim.train import VictimMissing, input_shape, victim_checkpoint_dir, victim_ready
 
 log = logging.getLogger(__name__)
@@ -73,9 +73,9 @@ def check_victim(cfg: Config, *, train: bool = False) -> bool:
 
 def _proxy_complete(proxy: str) -> bool:
     """The proxy set at `proxy` (a folder or URI) has its manifest (it is complete)."""
-    from aspkd_ray.generation.store import MANIFEST
+    from aspkd_ray.generation.store import has_manifest
 
-    return storage.exists(*storage.resolve(join(proxy, MANIFEST)))
+    return has_manifest(proxy)
 
 
 def _class_names(cfg: Config, proxy: str) -> tuple[str, ...]:
@@ -202,13 +202,14 @@ def preflight(cfg: Config, *, train_victim: bool = False,
 def ensure_proxy(cfg: Config) -> str:
     """The proxy set's location (run_layout(cfg).proxy): generated (or resumed) unless a
     complete one is there."""
-    from aspkd_ray.generation import ensure_generator, generate_proxy
+    from aspkd_ray.generation import ensure_generator
+    from aspkd_ray.generation.ray_generate import generate_proxy_at
 
     proxy = run_layout(cfg).proxy
     if not _proxy_complete(proxy):
         if cfg.generator.kind == "ddpm":
             ensure_generator(cfg)
-        generate_proxy(cfg, proxy.rsplit("/", 1)[0])  # the folder that holds proxy/
+        generate_proxy_at(cfg, proxy)
     return proxy
 
 
