@@ -170,3 +170,30 @@ def test_machinery_failures_stay_retryable():
     assert not _retryable(RuntimeError("shape mismatch"))
     task_error = ray.exceptions.RayTaskError("buy", "tb", ValueError("no"))
     assert not _retryable(task_error)
+
+
+# ---- a worker group the nodes cannot hold fails at once ---------------------------------
+
+@pytest.mark.timeout(120)
+def test_unplaceable_worker_group_fails_within_seconds(ray_session, tmp_path):
+    import time
+
+    import ray
+
+    from aspkd_ray.errors import UserError
+    from aspkd_ray.train.attack import run_attack
+
+    # Three 1-CPU workers on the session's one 2-CPU node: Ray Train would wait forever.
+    job = _attack_job(tmp_path, "http://127.0.0.1:9", "soft", 3)
+    job.cfg.ray.cpus_per_worker = 1.0
+    nodes = len([n for n in ray.nodes() if n["Alive"]])
+    t0 = time.monotonic()
+    with pytest.raises(UserError) as err:
+        run_attack(job, tmp_path / "ray_train")
+    elapsed = time.monotonic() - t0
+    msg = str(err.value)
+    assert elapsed < 30, f"took {elapsed:.1f} s"
+    assert "3 worker(s) of 1 CPU each" in msg and "holds only 2" in msg
+    assert f"{nodes} node(s): 1 x 2 CPU" in msg
+    assert "ray.num_workers" in msg and "ray.cpus_per_worker" in msg
+    assert not (tmp_path / "ray_train" / "attack").exists()  # no Ray Train run started

@@ -160,6 +160,10 @@ class RayConfig:
                                        "needing no CPU there), any (any node with 0.25 CPU "
                                        "free), or the name of a custom resource marking the "
                                        "nodes it may run on")
+    autoscale: bool = _f(False, doc="the cluster adds nodes on demand (autoscaler, KubeRay): "
+                                    "ask for the planned GPUs/CPUs and wait for nodes "
+                                    "instead of failing when the current nodes cannot hold "
+                                    "them")
 
 
 @dataclass

@@ -29,6 +29,7 @@ from aspkd_ray import storage
 from aspkd_ray.aspkd.rounds import AttackState, ProxyPool, RoundSettings, run_rounds
 from aspkd_ray.config import Config
 from aspkd_ray.runtime import plan_workers
+from aspkd_ray.runtime.resources import check_placeable
 from aspkd_ray.train.comm import TorchDistComm
 from aspkd_ray.train.state_io import load_state, load_weights_file, save_state, save_weights
 
@@ -98,6 +99,19 @@ class AttackFailures:
 
     def first(self) -> tuple | None:
         return self._first
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """SHA-256 of a model's state dict (names, dtypes, shapes, bytes; DDP wrapper removed):
+    equal digests on every rank mean every rank holds the same student."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, tensor in getattr(model, "module", model).state_dict().items():
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
 
 
 def _retryable(exc: BaseException) -> bool:
@@ -191,9 +205,21 @@ def _attack(job: AttackJob, rank: int, world: int) -> None:
         def buy(picks: np.ndarray) -> np.ndarray:
             return client.buy([job.ids[i] for i in picks], pool.classes[picks], images[picks])
 
+    node = ray.get_runtime_context().get_node_id()
+
     def on_round(st: AttackState, model: torch.nn.Module) -> None:
         metrics = {k: v for k, v in st.history[-1].items() if isinstance(v, (int, float))}
         metrics["round_done"] = st.round
+        # Where each rank ran and what it holds, in rank 0's metrics (the ones Ray Train
+        # keeps with the checkpoint): ranks that drifted apart are a bug, seen here first.
+        me = {"rank": rank, "node_id": node, "weights_sha256": weights_digest(model)}
+        workers = [me]
+        if world > 1:
+            workers = [None] * world
+            torch.distributed.all_gather_object(workers, me)
+        metrics["workers"] = workers
+        if len({w["weights_sha256"] for w in workers}) > 1:
+            log.warning("round %d: the ranks' students differ: %s", st.round, workers)
         if rank == 0:
             with tempfile.TemporaryDirectory() as tmp:
                 _save(st, model, Path(tmp))
@@ -225,8 +251,12 @@ def run_attack(job: AttackJob, location: str | Path) -> list[tuple[object, dict]
     fs, path = storage.resolve(str(location))
     if storage.is_local(fs):
         fs = None  # Ray Train's own handling of local folders (and its sync to them)
+    # Sized from each node (a worker lives on one), and refused at once when the nodes can
+    # never hold the group: Ray Train would wait for them forever.
     plan = plan_workers(requested=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
-                        cpus_per_worker=cfg.ray.cpus_per_worker, reserve_cpus=0.5)
+                        cpus_per_worker=cfg.ray.cpus_per_worker, reserve_cpus=0.5,
+                        autoscale=cfg.ray.autoscale)
+    check_placeable(plan, autoscale=cfg.ray.autoscale)
     log.info("Ray Train: %d worker(s), %.2f CPU and %g GPU each", plan.num, plan.cpus,
              plan.gpus)
     # No CPU and outside any Tune trial's placement group: it must never wait for resources.
