@@ -138,8 +138,9 @@ def test_pool_is_sized_from_reported_resources(monkeypatch):
     def fake(cluster, free, nodes):
         monkeypatch.setattr(ray, "cluster_resources", lambda: cluster)
         monkeypatch.setattr(ray, "available_resources", lambda: free)
-        monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True, "Resources": {"CPU": c}}
-                                                   for c in nodes])
+        monkeypatch.setattr(ray, "nodes", lambda: [
+            {"Alive": True, "Resources": c if isinstance(c, dict) else {"CPU": c}}
+            for c in nodes])
 
     fake({"CPU": 2.0}, {"CPU": 2.0}, [2.0])
     pool = plan_pool(from_dict({}))
@@ -151,7 +152,7 @@ def test_pool_is_sized_from_reported_resources(monkeypatch):
     assert pool.num == 1 and 1 <= pool.cpus < 2
     fake({"CPU": 2.0}, {"CPU": 1.0}, [2.0])  # half the CPUs busy elsewhere
     assert plan_pool(from_dict({})).num * plan_pool(from_dict({})).cpus <= 0.5
-    fake({"CPU": 64.0, "GPU": 4.0}, {"CPU": 64.0, "GPU": 4.0}, [16.0] * 4)
+    fake({"CPU": 64.0, "GPU": 4.0}, {"CPU": 64.0, "GPU": 4.0}, [{"CPU": 16.0, "GPU": 1.0}] * 4)
     pool = plan_pool(from_dict(sd))
     assert pool.num == 4 and pool.gpus == 1 and pool.cpus <= 16
     fake({"CPU": 64.0}, {"CPU": 64.0}, [16.0] * 4)
@@ -165,3 +166,9 @@ def test_pool_is_sized_from_reported_resources(monkeypatch):
     pool = plan_pool(from_dict(sd))
     assert pool.num == 3 and pool.cpus <= 1.0
     assert plan_pool(from_dict({**sd, "ray": {"cpus_per_worker": 2.0}})).cpus == 2.0
+    # Actors no node can hold fail at once, naming the keys (not a wait without end).
+    from aspkd_ray.runtime.resources import ResourceError
+
+    fake({"CPU": 3.0}, {"CPU": 3.0}, [1.0, 1.0, 1.0])
+    with pytest.raises(ResourceError, match="proxy generation.*ray.generation_actors"):
+        plan_pool(from_dict({**sd, "ray": {"cpus_per_worker": 2.0}}))

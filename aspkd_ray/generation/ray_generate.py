@@ -29,6 +29,7 @@ from aspkd_ray.generation import store
 from aspkd_ray.generation.plan import SPLITS, SamplePlan, class_names_for, make_plan
 from aspkd_ray.layout import join
 from aspkd_ray.runtime import WorkerPlan, plan_workers
+from aspkd_ray.runtime.resources import check_placeable
 
 log = logging.getLogger(__name__)
 
@@ -139,9 +140,13 @@ def plan_pool(cfg: Config) -> WorkerPlan:
         else:
             requested = max(1, len(nodes))
     pool = plan_workers(requested=requested, use_gpu=use_gpu, reserve_cpus=RESERVE_CPUS,
-                        cpus_per_worker=cfg.ray.cpus_per_worker, resources=resources)
+                        cpus_per_worker=cfg.ray.cpus_per_worker, resources=resources,
+                        autoscale=cfg.ray.autoscale)
     if nodes and cfg.ray.cpus_per_worker is None and pool.cpus > min(nodes):
         pool = dataclasses.replace(pool, cpus=float(min(nodes)))
+    # Fail now, naming the keys, rather than wait forever for actors no node can hold.
+    check_placeable(pool, autoscale=cfg.ray.autoscale, what="proxy generation",
+                    keys="ray.generation_actors, ray.cpus_per_worker, ray.use_gpu")
     return pool
 
 

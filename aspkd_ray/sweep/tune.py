@@ -34,6 +34,7 @@ import yaml
 from aspkd_ray import storage
 from aspkd_ray.config import Config, ConfigError, from_dict, total_budget
 from aspkd_ray.layout import join, run_layout
+from aspkd_ray.runtime.resources import alive_nodes, largest_fitting_cpus
 
 log = logging.getLogger(__name__)
 
@@ -195,6 +196,9 @@ def run_sweep(spec: SweepSpec, output_dir: str | Path) -> list[dict]:
     if not gpus and base_cfg.ray.cpus_per_worker is None:
         # Trials' Train workers share the CPUs; the teacher service and drivers keep 0.5.
         per = max(round((cpus - 0.5 - 0.1 * concurrent) / concurrent, 2), 0.1)
+        # A worker lives on one node: never more than the nodes can hold side by side.
+        per = largest_fitting_cpus(per, alive_nodes(),
+                                   concurrent * (base_cfg.ray.num_workers or 1))
         spec.overrides.append(f"ray.cpus_per_worker={per}")
     _write(join(lay.root, "sweep.json"), dataclasses.asdict(spec))
     log.info("sweep: %d trial(s), %d at a time, service budget %d (n = %d per trial)",
