@@ -4,12 +4,8 @@ so the session's embedded Ray is untouched."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
+from multinode import run_cluster_script
 
 _SERVICE_NODE_LOSS = r"""
 import json, sys, time
@@ -86,13 +82,7 @@ cluster.shutdown()
 @pytest.mark.slow
 @pytest.mark.timeout(420)
 def test_teacher_service_node_removed_mid_attack(s3_root, tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    proc = subprocess.run([sys.executable, "-c", _SERVICE_NODE_LOSS, str(tmp_path),
-                           f"{s3_root}/ledger"], capture_output=True, text=True, timeout=400,
-                          env=env)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    assert proc.returncode == 0 and lines, (proc.stdout[-3000:], proc.stderr[-3000:])
-    r = json.loads(lines[-1][len("RESULT "):])
+    r = run_cluster_script(_SERVICE_NODE_LOSS, str(tmp_path), f"{s3_root}/ledger")
     assert "local disk, but the Ray cluster has 3 nodes" in r["local_refused"]
     assert r["moved"] and r["same_answers"] and r["head_placed"]
     assert (r["refused"], r["answered_after"]) == ("BudgetExhausted", 4)

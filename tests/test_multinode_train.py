@@ -4,12 +4,8 @@ cluster of its own, so the session's embedded Ray is untouched."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
+from multinode import run_cluster_script
 
 _TWO_NODE_ATTACK = r"""
 import json, sys, time
@@ -72,12 +68,7 @@ cluster.shutdown()
 @pytest.mark.slow
 @pytest.mark.timeout(420)
 def test_two_train_workers_on_two_nodes_train_one_student(s3_root, tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    proc = subprocess.run([sys.executable, "-c", _TWO_NODE_ATTACK, str(tmp_path), s3_root],
-                          capture_output=True, text=True, timeout=400, env=env)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    assert proc.returncode == 0 and lines, (proc.stdout[-3000:], proc.stderr[-3000:])
-    r = json.loads(lines[-1][len("RESULT "):])
+    r = run_cluster_script(_TWO_NODE_ATTACK, str(tmp_path), s3_root)
     # Sized from the 1-CPU nodes, not the cluster's 2 CPUs in total.
     assert 0 < r["plan_cpus"] <= 1.0
     bucket = s3_root[len("s3://"):].split("/")[0]

@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import textwrap
 
 import numpy as np
 import pytest
+from multinode import run_cluster_script
 
 from aspkd_ray import storage
 from aspkd_ray.config import from_dict
@@ -203,12 +202,7 @@ def test_multinode_generation_survives_a_lost_node(s3_root, tmp_path):
     # actors), and both fit on the node that is left once one is removed.
     total = 40  # 10 shards of 4, ~1.2 s each
     data = _data(tmp_path, total=total, ray={"generation_actors": 2, "cpus_per_worker": 0.4})
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    proc = subprocess.run([sys.executable, "-c", _NODE_LOSS, s3_root, json.dumps(data),
-                           str(SHARD)], capture_output=True, text=True, timeout=400, env=env)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    assert proc.returncode == 0 and lines, (proc.stdout[-3000:], proc.stderr[-5000:])
-    r = json.loads(lines[-1][len("RESULT "):])
+    r = run_cluster_script(_NODE_LOSS, s3_root, json.dumps(data), str(SHARD))
     assert r.get("removed") in r["nodes"], r  # a node was removed while generating
     assert r["shards_before_removal"] < total // SHARD, r
     assert len(r["writers"]) == total // SHARD
