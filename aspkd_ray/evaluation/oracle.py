@@ -37,11 +37,15 @@ class EvaluationOracle:
             return None
         import json
 
+        from aspkd_ray import cache
         from aspkd_ray.models.checkpoint import ARCH
-        from aspkd_ray.victim.train import victim_checkpoint_dir
+        from aspkd_ray.victim.train import victim_location
 
-        arch = victim_checkpoint_dir(cfg) / ARCH
-        return json.loads(arch.read_text())["num_classes"] if arch.is_file() else None
+        location = victim_location(cfg)
+        if not cache.exists(location, ARCH):
+            return None  # make_victim then says what is missing
+        arch = cache.local_copy(location, ARCH) / ARCH
+        return json.loads(arch.read_text())["num_classes"]
 
     def predict_classes(self, images: np.ndarray) -> np.ndarray:
         """The victim's class for each uint8 N x H x W x C image (int64 N)."""

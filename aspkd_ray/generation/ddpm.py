@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 INFO_FILE = "aspkd_generator.json"
+MARKER = "model_index.json"  # published last: on object storage, the folder is complete
 NUM_TRAIN_TIMESTEPS = 1000
 BETA_SCHEDULE = "squaredcos_cap_v2"  # the cosine schedule suits tiny 16 x 16 images better
 # v-prediction: with epsilon-prediction, the x0 estimate at the noisiest steps (where the cosine
@@ -82,7 +83,12 @@ def read_info(folder: str | Path) -> dict:
 
 
 def is_ready(folder: str | Path) -> bool:
-    """A complete generator folder: the pipeline files, and (when ours) marked complete."""
+    """A complete generator folder: the pipeline files, and (when ours) marked complete.
+    On object storage (a URI): published whole (model_index.json is uploaded last)."""
+    from aspkd_ray import cache, storage
+
+    if storage.is_uri(str(folder)):
+        return cache.exists(str(folder), MARKER)
     folder = Path(folder)
     if not (folder / "model_index.json").is_file() or not (folder / "unet").is_dir():
         return False
@@ -101,12 +107,13 @@ class DDPMGenerator:
                  device: str | None = None, dtype: torch.dtype = torch.float32) -> None:
         from diffusers import UNet2DModel
 
+        from aspkd_ray import cache
         from aspkd_ray.generation.text2image import dtype_kwarg
 
-        folder = Path(folder)
         if not is_ready(folder):
             raise FileNotFoundError(f"{folder} is not a trained generator (no model_index.json "
                                     f"and unet/); run `aspkd train-generator` first.")
+        folder = cache.local_copy(folder, MARKER)  # a URI: this process's local mirror
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.dtype = dtype
         self.unet = UNet2DModel.from_pretrained(folder, subfolder="unet", low_cpu_mem_usage=False,

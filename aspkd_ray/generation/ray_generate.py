@@ -208,17 +208,21 @@ def check_generator(cfg: Config) -> None:
 
 def _resolved(cfg: Config) -> Config:
     """Paths made absolute: actors may run elsewhere than the driver's folder."""
+    from aspkd_ray import storage
     from aspkd_ray.generation.ddpm import is_ready
-    from aspkd_ray.generation.train_ddpm import generator_dir
+    from aspkd_ray.generation.train_ddpm import generator_location
 
     check_generator(cfg)
     g = cfg.generator
     if g.kind == "ddpm":
-        folder = generator_dir(cfg).resolve()
+        # A URI stays a URI: each actor, on whatever node, downloads its own copy.
+        folder = generator_location(cfg)
+        if not storage.is_uri(folder):
+            folder = str(Path(folder).resolve())
         if not is_ready(folder):
             raise GeneratorMissing(f"no trained generator at {folder}; run `aspkd "
                                    f"train-generator` with this config first.")
-        g = dataclasses.replace(g, model=str(folder))
+        g = dataclasses.replace(g, model=folder)
     elif g.kind == "diffusers" and Path(g.model).exists():
         g = dataclasses.replace(g, model=str(Path(g.model).resolve()))
     elif g.kind == "plugin":

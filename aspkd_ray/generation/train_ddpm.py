@@ -13,22 +13,26 @@ read with `torch.load(weights_only=True)`: a planted pickle is refused, never ru
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
 import pickle
 import shutil
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from aspkd_ray import cache, storage
 from aspkd_ray.config import Config, config_hash
 from aspkd_ray.errors import UserError
 from aspkd_ray.generation.ddpm import (
     BETA_SCHEDULE,
     INFO_FILE,
+    MARKER,
     PREDICTION_TYPE,
     build_unet,
     is_ready,
@@ -58,12 +62,30 @@ def _training_key(cfg: Config) -> dict:
             "objective": f"{PREDICTION_TYPE}/{BETA_SCHEDULE}/ema{EMA_DECAY}"}
 
 
-def generator_dir(cfg: Config) -> Path:
-    """generator.model if set, else <cache_dir>/<dataset>/generator-<hash of its settings>."""
+def generator_location(cfg: Config) -> str:
+    """generator.model if set, else <cache_dir>/<dataset>/generator-<hash of its settings>:
+    a local path or a URI (object storage)."""
     if cfg.generator.model:
-        return Path(cfg.generator.model)
+        return str(cfg.generator.model)
     key = config_hash(_training_key(cfg))[:10]
-    return Path(cfg.cache_dir) / cfg.dataset.name / f"generator-{key}"
+    return cache.join(str(cfg.cache_dir), cfg.dataset.name, f"generator-{key}")
+
+
+def generator_dir(cfg: Config) -> Path:
+    """The generator's local folder: `generator_location` itself, or for a URI this process's
+    mirror of it (downloaded when published; same base name, so ids derived from it match)."""
+    location = generator_location(cfg)
+    if not storage.is_uri(location):
+        return Path(location)
+    if is_ready(location):
+        return cache.local_copy(location, MARKER)
+    return cache.mirror_path(location)  # not published (yet): a folder that is not there
+
+
+def _work_folder(location: str) -> Path:
+    """Where a generator bound for object storage is trained (and its resume state kept)."""
+    key = hashlib.sha256(location.encode()).hexdigest()[:16]
+    return Path(tempfile.gettempdir()) / f"aspkd-generator-{key}"
 
 
 def _training_images(cfg: Config) -> tuple[torch.Tensor, torch.Tensor, tuple[str, ...]]:
@@ -131,10 +153,13 @@ def train_generator(cfg: Config, progress: bool = True, *,
                          f"the embedded class-conditional DDPM (generator.kind=ddpm) only.")
     if max_steps is not None and max_steps < 1:
         raise ValueError(f"max_steps: got {max_steps}; expected a positive integer or None.")
-    folder = generator_dir(cfg)
-    if is_ready(folder):
-        log.info("generator already trained at %s", folder)
-        return folder
+    location = generator_location(cfg)
+    if is_ready(location):
+        log.info("generator already trained at %s", location)
+        return generator_dir(cfg)
+    remote = storage.is_uri(location)
+    # Object storage: trained in a local folder, published whole once done (see _publish).
+    folder = _work_folder(location) if remote else Path(location)
     tcfg = cfg.generator.training
     x, y, class_names = _training_images(cfg)
     num_classes, chans = len(class_names), x.shape[1]
@@ -227,7 +252,11 @@ def train_generator(cfg: Config, progress: bool = True, *,
             "losses": losses, "wall_time_s": round(elapsed + time.time() - t0, 1)}
     (folder / INFO_FILE).write_text(json.dumps(info, indent=2))
     shutil.rmtree(folder / "checkpoint", ignore_errors=True)
-    log.info("generator trained in %.0f s: %s", info["wall_time_s"], folder)
+    log.info("generator trained in %.0f s: %s", info["wall_time_s"], location)
+    if remote:
+        cache.publish(folder, location, marker=MARKER)  # model_index.json last
+        shutil.rmtree(folder, ignore_errors=True)
+        return generator_dir(cfg)
     return folder
 
 
@@ -248,9 +277,9 @@ def _active_mlflow():
 
 def ensure_generator(cfg: Config) -> Path:
     """The trained generator's folder: trained now only if it is not there yet."""
-    folder = generator_dir(cfg)
+    folder = generator_location(cfg)
     if is_ready(folder):
-        return folder
+        return generator_dir(cfg)
     if cfg.generator.kind != "ddpm":
         raise FileNotFoundError(f"generator.model {folder} is not a diffusers pipeline folder.")
     log.info("training the %s generator (cached at %s)", cfg.dataset.name, folder)
@@ -258,4 +287,5 @@ def ensure_generator(cfg: Config) -> Path:
 
 
 __all__ = ["GENERATOR_SEED", "TrainingStateError", "ensure_generator", "generator_dir",
+           "generator_location",
            "load_training_state", "read_info", "train_generator"]

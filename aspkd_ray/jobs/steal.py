@@ -21,21 +21,23 @@ from aspkd_ray.config import Config, ConfigError, num_rounds, to_dict, total_bud
 from aspkd_ray.datasets import get_spec, load_victim_data, to_tensor
 from aspkd_ray.errors import UserError
 from aspkd_ray.layout import run_layout
-from aspkd_ray.victim.train import VictimMissing, input_shape, victim_checkpoint_dir, victim_ready
+from aspkd_ray.victim.train import VictimMissing, input_shape, victim_location, victim_ready
 
 log = logging.getLogger(__name__)
 
 EMBEDDED = ("digits", "digits-xdomain")
 
 
-def ensure_victim(cfg: Config, *, train: bool = False) -> Path:
-    """The victim's checkpoint folder, checked (see `check_victim`); trained first where
-    `check_victim` allows it: the embedded scenarios' default cache, or `train=True`."""
+def ensure_victim(cfg: Config, *, train: bool = False) -> Path | str:
+    """The victim's checkpoint folder (a URI where cache_dir is on object storage), checked
+    (see `check_victim`); trained first where `check_victim` allows it: the embedded
+    scenarios' default cache, or `train=True`."""
     from aspkd_ray.victim import train_victim
 
     if cfg.victim.endpoint:
         return Path("-")
-    folder = victim_checkpoint_dir(cfg)
+    location = victim_location(cfg)
+    folder = location if storage.is_uri(location) else Path(location)
     if check_victim(cfg, train=train):
         log.info("training the %s victim (saved at %s)", cfg.dataset.name, folder)
         train_victim(cfg)
@@ -50,16 +52,19 @@ def check_victim(cfg: Config, *, train: bool = False) -> bool:
     new victim there): only with `train=True` (`aspkd steal --train-victim`). With
     victim.checkpoint unset, the embedded scenarios train their default cache (the demo).
     """
+    from aspkd_ray import cache
+
     if cfg.victim.endpoint:
         return False
-    folder = victim_checkpoint_dir(cfg)
+    folder = victim_location(cfg)
     if victim_ready(folder):
         return False
     if train:
         return True
     if cfg.victim.checkpoint:
-        what = "does not exist" if not folder.exists() else "holds no victim checkpoint " \
-               "(model.json and model.safetensors)"
+        there = cache.any_files(folder) if storage.is_uri(folder) else Path(folder).exists()
+        what = "does not exist" if not there else "holds no victim checkpoint " \
+               "(model.json and model.safetensors, model.json written last)"
         raise VictimMissing(f"victim.checkpoint: {folder} {what}. Point victim.checkpoint "
                             f"at a folder written by `aspkd train-teacher`, or pass "
                             f"--train-victim to train a new victim there.")

@@ -497,14 +497,17 @@ def _resolved(cfg: Config) -> Config:
     """Absolute victim path, checked here: the actor may run in another directory."""
     if cfg.victim.endpoint:
         return cfg
-    from aspkd_ray.victim.train import victim_checkpoint_dir
+    from aspkd_ray import cache, storage
+    from aspkd_ray.victim.train import victim_location
 
-    ckpt = victim_checkpoint_dir(cfg).resolve()
-    if not (ckpt / "model.json").is_file():
+    location = victim_location(cfg)
+    # A URI stays a URI: the actor, on whatever node, downloads its own copy (cache.local_copy).
+    ckpt = location if storage.is_uri(location) else os.path.realpath(location)
+    if not cache.exists(ckpt, "model.json"):
         raise FileNotFoundError(f"victim checkpoint {ckpt} not found; train it with `aspkd "
                                 f"train-teacher` (same config) or set victim.checkpoint or "
                                 f"victim.endpoint.")
-    return replace(cfg, victim=replace(cfg.victim, checkpoint=str(ckpt)))
+    return replace(cfg, victim=replace(cfg.victim, checkpoint=ckpt))
 
 
 def _torch_threads() -> int:

@@ -61,13 +61,15 @@ def save_victim_model(cfg: Config, dest: str | Path) -> Path:
     from mlflow.models import ModelSignature
     from mlflow.types.schema import Schema, TensorSpec
 
+    from aspkd_ray import cache
     from aspkd_ray.models.checkpoint import ARCH
-    from aspkd_ray.victim.train import input_shape, victim_checkpoint_dir
+    from aspkd_ray.victim.train import input_shape, victim_location
 
-    ckpt = victim_checkpoint_dir(cfg).resolve()
-    if not (ckpt / ARCH).is_file():
-        raise FileNotFoundError(f"victim checkpoint {ckpt} not found; train it first with "
+    location = victim_location(cfg)
+    if not cache.exists(location, ARCH):
+        raise FileNotFoundError(f"victim checkpoint {location} not found; train it first with "
                                 f"`aspkd train-teacher` (same config) or set victim.checkpoint.")
+    ckpt = cache.local_copy(location, ARCH).resolve()  # a URI: this process's local mirror
     import json
 
     classes = json.loads((ckpt / ARCH).read_text())["num_classes"]

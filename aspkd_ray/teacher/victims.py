@@ -31,17 +31,20 @@ class LocalVictim:
 
     def __init__(self, checkpoint: str | Path, output: str, num_classes: int,
                  device: str = "cpu") -> None:
+        from aspkd_ray import cache
         from aspkd_ray.models import load_checkpoint
+        from aspkd_ray.models.checkpoint import ARCH
 
         if output not in ("soft", "hard"):
             raise ValueError(f"output must be 'soft' or 'hard', got {output!r}.")
-        self.model = load_checkpoint(checkpoint).eval().to(device)
+        # A URI (cache_dir on object storage) is loaded from this process's local mirror.
+        self.model = load_checkpoint(cache.local_copy(checkpoint, ARCH)).eval().to(device)
         have = self.model.arch["num_classes"]
         if have != num_classes:
             raise ValueError(f"victim checkpoint {checkpoint} has {have} classes, but the "
                              f"attack was set up for {num_classes}.")
         self.output, self.num_classes, self.device = output, num_classes, device
-        self.name = f"local:{Path(checkpoint).resolve()}"
+        self.name = _local_name(str(checkpoint))
 
     def predict(self, x: torch.Tensor) -> np.ndarray:
         with torch.inference_mode():
@@ -54,17 +57,24 @@ class LocalVictim:
 def victim_name(cfg: Config) -> str:
     """A readable identity of the configured victim (no credentials)."""
     from aspkd_ray.teacher.http_victim import safe_url
-    from aspkd_ray.victim.train import victim_checkpoint_dir
+    from aspkd_ray.victim.train import victim_location
 
     if cfg.victim.endpoint:
         return f"{cfg.victim.protocol}:{safe_url(cfg.victim.endpoint)}"
-    return f"local:{victim_checkpoint_dir(cfg).resolve()}"
+    return _local_name(victim_location(cfg))
+
+
+def _local_name(location: str) -> str:
+    """local:<absolute folder>, or local:<URI> for a checkpoint on object storage."""
+    from aspkd_ray import storage
+
+    return f"local:{location if storage.is_uri(location) else Path(location).resolve()}"
 
 
 def make_victim(cfg: Config, num_classes: int) -> Victim:
     """The configured victim: victim.endpoint if set, else the local checkpoint."""
     from aspkd_ray.teacher.http_victim import HttpVictim
-    from aspkd_ray.victim.train import victim_checkpoint_dir
+    from aspkd_ray.victim.train import victim_location
 
     v = cfg.victim
     if v.endpoint:
@@ -72,7 +82,7 @@ def make_victim(cfg: Config, num_classes: int) -> Victim:
                           num_classes=num_classes, model_name=v.model_name,
                           timeout_s=v.timeout_s, max_retries=v.max_retries,
                           rate_limit_per_s=v.rate_limit_per_s, auth_env=v.auth_env)
-    return LocalVictim(victim_checkpoint_dir(cfg), v.output, num_classes)
+    return LocalVictim(victim_location(cfg), v.output, num_classes)
 
 
 def victim_input(images: np.ndarray, cfg: Config) -> torch.Tensor:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import logging
+import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 
+from aspkd_ray import cache, storage
 from aspkd_ray.aspkd.distill import accuracy, fit
 from aspkd_ray.config import Config, TrainingConfig, config_hash
 from aspkd_ray.datasets import get_spec, load_victim_data, to_tensor
@@ -28,8 +30,12 @@ class VictimMissing(UserError, FileNotFoundError):
     exit_code = 2  # a config value (victim.checkpoint) points at nothing
 
 
-def victim_ready(folder: Path) -> bool:
-    """Whether `folder` holds a saved victim (both checkpoint files)."""
+def victim_ready(folder: str | Path) -> bool:
+    """Whether `folder` (a local folder or a URI) holds a saved victim (both checkpoint
+    files; on object storage model.json, written last, says the upload is complete)."""
+    if storage.is_uri(str(folder)):
+        return all(cache.exists(str(folder), name) for name in CHECKPOINT_FILES)
+    folder = Path(folder)
     return all((folder / name).is_file() for name in CHECKPOINT_FILES)
 
 
@@ -40,15 +46,26 @@ def input_shape(cfg: Config) -> tuple[int, int]:
 
 
 def victim_checkpoint_dir(cfg: Config) -> Path:
-    """victim.checkpoint, else a cache folder keyed by data set, architecture and settings."""
+    """The victim's folder as a local Path (see `victim_location`; a URI has no local Path:
+    read it through `cache.local_copy(victim_location(cfg))`)."""
+    location = victim_location(cfg)
+    if storage.is_uri(location):
+        raise ValueError(f"the victim is at {location}, not in a local folder; read it "
+                         f"through aspkd_ray.cache.local_copy(victim_location(cfg)).")
+    return Path(location)
+
+
+def victim_location(cfg: Config) -> str:
+    """victim.checkpoint, else a cache folder keyed by data set, architecture and settings:
+    a local path or a URI (cache_dir or victim.checkpoint on object storage)."""
     if cfg.victim.checkpoint:
-        return Path(cfg.victim.checkpoint)
+        return str(cfg.victim.checkpoint)
     key = config_hash({"dataset": cfg.dataset.name, "arch": cfg.victim.architecture,
                        "size": input_shape(cfg), "seed": cfg.seed,
                        "training": victim_training_config(cfg).__dict__})
     # digits and digits-xdomain share the victim: the same MNIST split trains it.
     name = "digits" if cfg.dataset.name == "digits-xdomain" else cfg.dataset.name
-    return Path(cfg.cache_dir) / name / f"victim-{cfg.victim.architecture}-{key[:8]}"
+    return cache.join(str(cfg.cache_dir), name, f"victim-{cfg.victim.architecture}-{key[:8]}")
 
 
 def victim_training_config(cfg: Config) -> TrainingConfig:
@@ -94,12 +111,23 @@ def train_victim(cfg: Config, progress: bool = True) -> dict:
     result = fit(model, x[tr_idx], y[tr_idx], tcfg, validate=validate,
                  flip=spec.horizontal_flip, seed=cfg.seed, on_epoch=on_epoch)
     test_acc = accuracy(model, xt, yt)
-    out = victim_checkpoint_dir(cfg)
-    save_checkpoint(model, out, extra={"class_names": list(train.class_names),
-                                       "test_accuracy": test_acc})
-    summary = {"test_accuracy": test_acc, "checkpoint": str(out), "epochs": result.epochs_run,
-               "train_images": len(tr_idx), "test_images": len(xt),
-               "wall_time_s": round(time.time() - t0, 1), "architecture":
-               cfg.victim.architecture, "dataset": cfg.dataset.name}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    location = victim_location(cfg)
+    remote = storage.is_uri(location)
+    # Object storage: written locally first, then published with model.json last, so that
+    # no reader on another node ever loads half a checkpoint.
+    tmp = tempfile.TemporaryDirectory(prefix="aspkd-victim-") if remote else None
+    out = Path(tmp.name) if tmp else Path(location)
+    try:
+        save_checkpoint(model, out, extra={"class_names": list(train.class_names),
+                                           "test_accuracy": test_acc})
+        summary = {"test_accuracy": test_acc, "checkpoint": location if remote else str(out),
+                   "epochs": result.epochs_run, "train_images": len(tr_idx),
+                   "test_images": len(xt), "wall_time_s": round(time.time() - t0, 1),
+                   "architecture": cfg.victim.architecture, "dataset": cfg.dataset.name}
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        if remote:
+            cache.publish(out, location, marker=ARCH)
+    finally:
+        if tmp:
+            tmp.cleanup()
     return summary
