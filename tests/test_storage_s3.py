@@ -32,6 +32,10 @@ def _objects(uri: str) -> dict[str, int]:
     return {i.path[len(root) + 1:]: i.size for i in infos if i.type == pafs.FileType.File}
 
 
+def _files(folder) -> dict[str, float]:
+    return {str(p): p.stat().st_mtime for p in folder.rglob("*") if p.is_file()}
+
+
 def _charged(ledger: str) -> list[str]:
     from aspkd_ray.teacher import Ledger
 
@@ -48,11 +52,18 @@ def test_steal_on_s3_equals_the_local_run_and_resumes(ray_session, sets, s3_root
     root, base = sets
     local = run_steal(from_dict({}, base + [f"output_dir={root / 'local'}",
                                             "ray.teacher_service=t-s3-local"]))
+    from aspkd_ray.cache import publish
+    from aspkd_ray.victim.train import victim_location
+
     work = root / "never-written"
     cfg = from_dict({}, base + [f"output_dir={work}", f"storage.root={s3_root}",
-                                "ray.teacher_service=t-s3"])
+                                f"cache_dir={s3_root}-cache", "ray.teacher_service=t-s3"])
+    # The same victim, in a cache on the bucket: the S3 run reads nothing from local disk.
+    publish(victim_location(from_dict({}, base)), victim_location(cfg), "model.json")
+    local_files = _files(root)
     remote = run_steal(cfg)
     assert not work.exists()  # nothing of the run on local disk (temp files aside)
+    assert _files(root) == local_files  # the local cache and run untouched
     objects = _objects(s3_root)
     for name in ("summary.json", "agreement.png", "mlflow.db", "proxy/_manifest.json",
                  "ledger/meta.json"):
