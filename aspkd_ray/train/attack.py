@@ -245,7 +245,7 @@ def run_attack(job: AttackJob, location: str | Path) -> list[tuple[object, dict]
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
-    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     cfg = job.cfg
     fs, path = storage.resolve(str(location))
@@ -259,10 +259,12 @@ def run_attack(job: AttackJob, location: str | Path) -> list[tuple[object, dict]
     check_placeable(plan, autoscale=cfg.ray.autoscale)
     log.info("Ray Train: %d worker(s), %.2f CPU and %g GPU each", plan.num, plan.cpus,
              plan.gpus)
-    # No CPU and outside any Tune trial's placement group: it must never wait for resources.
+    # No CPU, pinned to this driver's node (it lives as long as the driver, whichever worker
+    # node is lost; a soft affinity lets Ray place it elsewhere when that node has 0 CPUs),
+    # outside any Tune trial's placement group: it never waits for resources.
     failures = ray.remote(AttackFailures).options(
-        num_cpus=0,
-        scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None)).remote()
+        num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(
+            node_id=ray.get_runtime_context().get_node_id(), soft=False)).remote()
     trainer = TorchTrainer(
         attack_worker,
         train_loop_config={"job": job, "failures": failures},
