@@ -6,7 +6,7 @@
 2. Digits with a trained generator: time to generate >= 300 images per class through Ray
    Data; target: under 5 minutes on 2 cores.
 3. Proxy quality: the share of proxy images the digits victim classifies as their generation
-   class, for digits and digits-xdomain (a probe got 87% and 26%, DESIGN.md).
+   class, for digits and digits-xdomain (an early probe got 87% and 26%).
 
 Victim and generators are trained (and cached under --cache-dir) when missing: ~8 + 5 min.
 
@@ -239,7 +239,7 @@ def report(r: dict) -> str:
                      f"{s['images']} | {s['generation_wall_time_s']} s "
                      f"({s['images_per_s']} img/s) | **{s['quality']['agreement_pct']}%** |")
     lines += ["", f"Victim test accuracy: {r['victim']['test_accuracy_pct']:.1f}%. Probe "
-                  f"reference (DESIGN.md): 87% digits, 26% digits-xdomain.", ""]
+                  f"reference (an early probe): 87% digits, 26% digits-xdomain.", ""]
     for name, s in r["scenarios"].items():
         lines.append(f"Per class, {name}: {s['quality']['per_class_pct']}")
     lines += ["", "## Reading the figures", "",

@@ -20,7 +20,7 @@ class DatasetSpec:
     class_names: tuple[str, ...]
     image_size: int
     channels: int
-    # Victim (teacher) training defaults from the paper (METHOD.md), or sized for CPUs.
+    # Victim (teacher) training defaults from the paper (its Table 2), or sized for CPUs.
     victim_training: dict = field(default_factory=dict)
     victim_architecture: str = "alexnet"
     student_architecture: str = "half_alexnet"

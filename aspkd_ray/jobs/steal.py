@@ -154,9 +154,9 @@ def check_ledger(cfg: Config, uri: str, budget: int, num_classes: int,
     """Open an existing ledger read-only before anything runs: a corrupt one, or one of
     another attack (budget, output, classes), stops the run here, in the driver.
 
-    `replay=False` checks meta.json only: a Tune trial's ledger is shared with the trials
-    buying right now, and a reader listing reserved/ and answered/ while a service writes
-    them could see an answer whose reservation it listed too early.
+    `replay=False` checks meta.json only: a Tune trial's ledger is the sweep's, opened and
+    checked by the shared service that writes it now; replaying it again in every trial
+    would be wasted work.
     """
     from aspkd_ray.teacher.errors import LedgerCorrupt
     from aspkd_ray.teacher.ledger import Ledger, check_meta, read_meta

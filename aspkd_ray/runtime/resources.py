@@ -1,6 +1,6 @@
 """Size actor pools and worker groups from what each node has, never from constants.
 
-On a 2-CPU machine two 1-CPU actors plus a Ray Data read task deadlock (DESIGN.md), so CPU
+On a 2-CPU machine two 1-CPU actors plus a Ray Data read task deadlock (measured), so CPU
 work is given fractional requests that leave room for the rest of the pipeline. A worker or
 actor lives on one node: a request is sized from the nodes (`ray.nodes()`), not from the
 cluster's totals, since three 1-CPU nodes add up to 3 CPUs but hold no 1.25-CPU worker.

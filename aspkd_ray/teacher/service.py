@@ -415,10 +415,22 @@ def connect_teacher_service(cfg: Config, num_classes: int, budget: int | None = 
     nodes = len([n for n in ray.nodes() if n.get("Alive")])
     check_ledger_reachable(uri, nodes)
     running = _running_info(cfg)
-    if running is not None:  # refuse before a ledger is made for nothing
+    if running is not None:
+        # It holds the ledger and checked it when it opened it: no need to replay it here
+        # (every Train worker and sweep trial connects), only to compare the settings.
         _check_running(cfg, running, budget, num_classes, uri)
-    # Create the ledger here (the service never does) and check it, so a mismatch, a corrupt
-    # file or another writer fails clearly in this process, before an actor is created.
+    else:
+        _prepare_ledger(cfg, uri, budget, num_classes)
+    handle, info = _get_or_create(cfg, num_classes, budget, uri)
+    return TeacherClient(handle, info, trial, cfg.budget.per_trial,
+                         (cfg, num_classes, budget, uri))
+
+
+def _prepare_ledger(cfg: Config, uri: str, budget: int, num_classes: int) -> None:
+    """Create the ledger (the service never does) and check it, so a mismatch, a corrupt
+    file or another Ray cluster's writer fails clearly here, before an actor is created."""
+    import ray
+
     victim = None
     if read_meta(uri) is None:
         from aspkd_ray.teacher.victims import victim_name
@@ -435,9 +447,6 @@ def connect_teacher_service(cfg: Config, num_classes: int, budget: int | None = 
             f"({describe_holder(holder)}). One service writes a ledger at a time: wait for "
             f"that run to end, connect to its cluster (ray.address), or use another output "
             f"folder / budget.ledger.")
-    handle, info = _get_or_create(cfg, num_classes, budget, uri)
-    return TeacherClient(handle, info, trial, cfg.budget.per_trial,
-                         (cfg, num_classes, budget, uri))
 
 
 def check_ledger_reachable(uri: str, nodes: int) -> None:
