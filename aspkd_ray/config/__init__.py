@@ -15,6 +15,7 @@ from aspkd_ray.config.schema import (
     Config,
     DatasetConfig,
     GeneratorConfig,
+    PoolConfig,
     ProxyConfig,
     RayConfig,
     StorageConfig,
@@ -42,7 +43,7 @@ def num_rounds(cfg: Config, num_classes: int) -> int:
 
 __all__ = [
     "ASPKDConfig", "BudgetConfig", "Config", "ConfigError", "DatasetConfig", "GeneratorConfig",
-    "ProxyConfig", "RayConfig", "StorageConfig", "StudentConfig", "TrackingConfig", "TrainingConfig",
+    "PoolConfig", "ProxyConfig", "RayConfig", "StorageConfig", "StudentConfig", "TrackingConfig", "TrainingConfig",
     "VictimConfig", "config_hash", "flatten", "from_dict", "load", "num_rounds",
     "parse_override", "to_dict", "total_budget",
 ]

@@ -69,6 +69,10 @@ class VictimConfig:
     rate_limit_per_s: float | None = _f(None, gt=0.0, doc="max HTTP requests per second")
     auth_env: str | None = _f(None, doc="environment variable holding a bearer token")
     batch_size: int = _f(256, min=1, doc="samples per victim call")
+    device: str = _f("cpu", choices=("cpu", "cuda", "auto"),
+                     doc="where a local victim runs, in the teacher service and the "
+                         "evaluation oracle: cuda asks Ray for one GPU each; auto = cuda "
+                         "when the cluster has a GPU")
     training: TrainingConfig = field(default_factory=TrainingConfig)
 
 
@@ -148,6 +152,24 @@ class ASPKDConfig:
 
 
 @dataclass
+class PoolConfig:
+    mode: str = _f("auto", choices=("auto", "memory", "stream"),
+                   doc="memory: every process of the attack holds the decoded proxy pool; "
+                       "stream: the pool stays PNG in its Parquet shards, latents are "
+                       "computed by Ray Data actors and each fit reads only its subset; "
+                       "auto: memory when the decoded pool fits in memory_mb")
+    memory_mb: int = _f(1024, min=1,
+                        doc="the most decoded images (float32 at the input size) one process "
+                            "holds at once: the whole pool in auto mode, a fit's subset or a "
+                            "streamed chunk in stream mode")
+    latents: str = _f("float32", choices=("float32", "float16"),
+                      doc="how the pool's latents are kept for selection and kNN")
+    embed_actors: int = _f(1, min=1, doc="Ray Data actors computing latents (stream mode)")
+    embed_gpus: float = _f(0.0, min=0.0, doc="GPUs per latent actor (stream mode)")
+    embed_batch: int = _f(256, min=1, doc="images per latent batch")
+
+
+@dataclass
 class RayConfig:
     address: str | None = _f(None, doc="None: RAY_ADDRESS or a local head, else embedded")
     namespace: str = _f("aspkd")
@@ -192,6 +214,7 @@ class Config:
     student: StudentConfig = field(default_factory=StudentConfig)
     budget: BudgetConfig = field(default_factory=BudgetConfig)
     aspkd: ASPKDConfig = field(default_factory=ASPKDConfig)
+    pool: PoolConfig = field(default_factory=PoolConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
