@@ -42,7 +42,7 @@ pool = ProxyPool(x=torch.rand(n, 1, 28, 28, generator=g), classes=np.arange(n) %
 settings = RoundSettings(num_classes=10, budget=20, rounds=2, output="soft",
                          training=cfg.training, active=True, self_paced=False)
 images = np.random.default_rng(0).integers(0, 256, (n, 28, 28, 1), dtype=np.uint8)
-job = AttackJob(cfg=cfg, settings=settings, pool_ref=ray.put(pool),
+job = AttackJob(cfg=cfg, settings=settings, pool=ray.put(pool), input_shape=(pool.x.shape[-1], pool.x.shape[1]),
                 ids=[f"p{i}" for i in range(n)], images_ref=ray.put(images), num_classes=10,
                 budget_total=20, ledger_uri=f"{root}/ledger")
 service = connect_teacher_service(cfg, 10, budget=20, ledger_uri=job.ledger_uri)

@@ -125,7 +125,7 @@ def _attack_job(tmp_path, url: str, output: str, workers: int):
     settings = RoundSettings(num_classes=10, budget=20, rounds=1, output=output,
                              training=cfg.training, active=False, self_paced=False)
     images = np.random.default_rng(0).integers(0, 256, (n, 28, 28, 1), dtype=np.uint8)
-    return AttackJob(cfg=cfg, settings=settings, pool_ref=ray.put(pool),
+    return AttackJob(cfg=cfg, settings=settings, pool=ray.put(pool), input_shape=(pool.x.shape[-1], pool.x.shape[1]),
                      ids=[f"p{i}" for i in range(n)], images_ref=ray.put(images),
                      num_classes=10, budget_total=20, ledger_uri=str(tmp_path / "ledger"))
 

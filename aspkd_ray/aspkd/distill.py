@@ -1,15 +1,16 @@
 """Training a network on images with soft or hard targets, with real early stopping.
 
 Used for the victim (hard ground-truth labels) and for every distillation step of ASPKD
-(soft teacher distributions, or hard teacher labels). Pure torch; Ray Train calls it with a
-shard of the data and a DDP-wrapped model.
+(soft teacher distributions, or hard teacher labels). Pure torch: `fit` trains on tensors in
+memory, `fit_batches` on batches from any source (a streamed proxy pool); a Ray Train worker
+passes its rank and a DDP-wrapped model.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -79,17 +80,56 @@ class FitResult:
     history: list[dict] = field(default_factory=list)
 
 
+Batches = Callable[[int], Iterator[tuple[torch.Tensor, torch.Tensor]]]
+
+
 def fit(model: nn.Module, x: torch.Tensor, targets: torch.Tensor, cfg: TrainingConfig, *,
         validate: Callable[[nn.Module], float] | None = None, flip: bool = False,
         seed: int = 0, rank: int = 0, world_size: int = 1,
         class_weights: torch.Tensor | None = None,
         on_epoch: Callable[[dict], None] | None = None) -> FitResult:
-    """Train `model` on (x, targets) with Adam/StepLR and early stopping.
+    """Train `model` on (x, targets) held in memory; see `fit_batches`.
+
+    With `world_size > 1` every rank draws the same permutation of each epoch and takes its
+    slice of every global batch of `cfg.batch_size`: the configured batch size is the global
+    batch, so training follows the same schedule on any number of workers.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    n = len(x)
+
+    def epoch_batches(epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        perm = torch.randperm(n, generator=gen)  # same on every rank (same seed)
+        for idx in rank_batches(perm, cfg.batch_size, rank, world_size):
+            yield x[idx], targets[idx]
+
+    return fit_batches(model, epoch_batches, cfg, validate=validate, flip=flip, seed=seed,
+                       class_weights=class_weights, on_epoch=on_epoch)
+
+
+def rank_batches(order: torch.Tensor, batch_size: int, rank: int,
+                 world_size: int) -> Iterator[torch.Tensor]:
+    """This rank's slice of each global batch of `order`: every rank gets as many batches of
+    the same size (DDP needs it); a short last batch wraps round to fill every slice."""
+    if world_size == 1:
+        yield from (order[i:i + batch_size] for i in range(0, len(order), batch_size))
+        return
+    n = len(order)
+    per = max(1, -(-batch_size // world_size))  # ceil: each rank's share of a global batch
+    for i in range(0, n, per * world_size):
+        share = -(-min(per * world_size, n - i) // world_size)  # equal on every rank
+        yield order[(i + rank * share + torch.arange(share)) % n]
+
+
+def fit_batches(model: nn.Module, epoch_batches: Batches, cfg: TrainingConfig, *,
+                validate: Callable[[nn.Module], float] | None = None, flip: bool = False,
+                seed: int = 0, class_weights: torch.Tensor | None = None,
+                on_epoch: Callable[[dict], None] | None = None) -> FitResult:
+    """Train `model` on `epoch_batches(epoch)` (this rank's (x, targets) batches) with
+    Adam/StepLR and early stopping.
 
     `validate(model) -> score` (higher is better) drives early stopping; the best weights are
     deep-copied and restored at the end (the authors' code kept a reference to the live
-    weights and so restored nothing). With `world_size > 1` each rank trains on its own
-    shard of every epoch's permutation; `model` is then DDP-wrapped so gradients are shared.
+    weights and so restored nothing). A DDP-wrapped `model` shares gradients across ranks.
     `class_weights` weighs hard targets by class (the teacher prior correction).
     """
     net = getattr(model, "module", model)
@@ -98,32 +138,23 @@ def fit(model: nn.Module, x: torch.Tensor, targets: torch.Tensor, cfg: TrainingC
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=cfg.step_size, gamma=cfg.gamma)
     if class_weights is not None:
         class_weights = class_weights.to(device)
-    gen = torch.Generator().manual_seed(seed)
     aug_gen = torch.Generator().manual_seed(seed + 1)
     use_es = validate is not None and cfg.early_stopping != "none"
     best_score, best_epoch, best_state, stale = -float("inf"), -1, None, 0
     history: list[dict] = []
-    n = len(x)
     epoch = -1
     for epoch in range(cfg.max_epochs):
         model.train()
-        # Same permutation on every rank (same seed), then each rank takes its slice.
-        perm = torch.randperm(n, generator=gen)
-        per_rank = -(-n // world_size)  # ceil: ranks see equally many batches
-        perm = perm.repeat(2)[rank * per_rank:(rank + 1) * per_rank] if world_size > 1 else perm
         total, count = 0.0, 0
-        for i in range(0, len(perm), cfg.batch_size):
-            idx = perm[i:i + cfg.batch_size]
-            xb = x[idx]
+        for xb, yb in epoch_batches(epoch):
             if cfg.augment:
                 xb = augment(xb, aug_gen, flip=flip)
-            loss = distillation_loss(model(xb.to(device)), targets[idx].to(device),
-                                     class_weights)
+            loss = distillation_loss(model(xb.to(device)), yb.to(device), class_weights)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            total += loss.item() * len(idx)
-            count += len(idx)
+            total += loss.item() * len(yb)
+            count += len(yb)
         sched.step()
         row = {"epoch": epoch, "loss": total / max(count, 1)}
         if validate is not None:

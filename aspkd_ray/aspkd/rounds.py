@@ -9,8 +9,10 @@
            the generation class
         e. distil the student on X' ∪ X''
 
-Pure algorithm: the teacher is a `buy(pool_indices) -> labels` callable and distributed
-training is a `Comm` (identity on one process). The Ray layer supplies both.
+Pure algorithm: the teacher is a `buy(pool_indices) -> labels` callable, the proxy pool is a
+`Pool` (embed it, predict it, fit on these ids; `ProxyPool` holds it in memory, and
+`aspkd_ray.pool.StreamedPool` reads it from storage), and distributed training is a `Comm`
+(identity on one process). The Ray layer supplies all three.
 """
 
 from __future__ import annotations
@@ -19,12 +21,13 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 import torch
 from torch import nn
 
-from aspkd_ray.aspkd.distill import accuracy, embed, fit, predict_logits
+from aspkd_ray.aspkd.distill import FitResult, accuracy, embed, fit, predict_logits
 from aspkd_ray.aspkd.prior import class_weights, correct_soft_labels, teacher_prior
 from aspkd_ray.aspkd.pseudo_labels import knn_pseudo_labels
 from aspkd_ray.aspkd.selection import active_select, random_select
@@ -33,14 +36,55 @@ from aspkd_ray.config import TrainingConfig
 log = logging.getLogger(__name__)
 
 
+class Pool(Protocol):
+    """What the round loop does with the proxy pool's train split (ids are its positions)."""
+
+    classes: np.ndarray          # generation class of each train image
+
+    def embed(self, model: nn.Module) -> np.ndarray:
+        """The latent S̄(x) of every train image (N x D)."""
+
+    def predict(self, model: nn.Module) -> np.ndarray:
+        """The model's class for every train image (N)."""
+
+    def fit(self, model: nn.Module, idx: np.ndarray | None, targets: torch.Tensor,
+            training: TrainingConfig, **kwargs) -> FitResult:
+        """Train on the images `idx` (None: all) with `targets`; kwargs as `distill.fit`."""
+
+    def validator(self, val_labels: np.ndarray | None) -> Callable[[nn.Module], float]:
+        """The early stopping score on the validation split: accuracy against generation
+        classes, or agreement with bought validation labels when given."""
+
+
 @dataclass
 class ProxyPool:
-    """What the attack sees: proxy images and their generation classes, nothing else."""
+    """The pool in memory: proxy images and their generation classes, nothing else."""
 
     x: torch.Tensor              # train split, float N x C x H x W in [0, 1]
     classes: np.ndarray          # generation class of each train image
     x_val: torch.Tensor          # validation split (early stopping, model selection)
     classes_val: np.ndarray
+
+    def embed(self, model: nn.Module) -> np.ndarray:
+        return embed(model, self.x).numpy()
+
+    def predict(self, model: nn.Module) -> np.ndarray:
+        return predict_logits(getattr(model, "module", model), self.x).argmax(1).numpy()
+
+    def fit(self, model: nn.Module, idx: np.ndarray | None, targets: torch.Tensor,
+            training: TrainingConfig, **kwargs) -> FitResult:
+        x = self.x if idx is None else self.x[torch.as_tensor(idx)]
+        return fit(model, x, targets, training, **kwargs)
+
+    def keep_val(self, keep: np.ndarray) -> None:
+        """Keep only these validation images (the ones whose labels were bought)."""
+        self.x_val, self.classes_val = self.x_val[torch.as_tensor(keep)], self.classes_val[keep]
+
+    def validator(self, val_labels: np.ndarray | None) -> Callable[[nn.Module], float]:
+        """Accuracy against generation classes on the proxy validation split, or agreement
+        with bought validation labels when given: early stopping within the budget."""
+        y = torch.as_tensor(self.classes_val if val_labels is None else val_labels)
+        return lambda model: accuracy(model, self.x_val, y)
 
 
 @dataclass
@@ -87,7 +131,8 @@ class AttackState:
 
 
 class Comm:
-    """One process: nothing to share. The Ray Train layer subclasses this for DDP."""
+    """One process: nothing to share. Ray Train workers use `train.comm.TorchDistComm`,
+    which has the same interface."""
 
     rank = 0
     world_size = 1
@@ -105,14 +150,7 @@ def bought_targets(labels: np.ndarray, output: str) -> torch.Tensor:
     return torch.as_tensor(labels, dtype=torch.float32)
 
 
-def _validator(pool: ProxyPool, val_labels: np.ndarray | None) -> Callable[[nn.Module], float]:
-    """Early stopping signal within the budget: accuracy against generation classes on the
-    proxy validation split, or agreement with bought validation labels when given."""
-    y = torch.as_tensor(pool.classes_val if val_labels is None else val_labels)
-    return lambda model: accuracy(model, pool.x_val, y)
-
-
-def run_rounds(student: nn.Module, pool: ProxyPool, s: RoundSettings,
+def run_rounds(student: nn.Module, pool: Pool, s: RoundSettings,
                buy: Callable[[np.ndarray], np.ndarray], *, comm: Comm | None = None,
                state: AttackState | None = None, val_labels: np.ndarray | None = None,
                on_round: Callable[[AttackState, nn.Module], None] | None = None) -> AttackState:
@@ -124,13 +162,16 @@ def run_rounds(student: nn.Module, pool: ProxyPool, s: RoundSettings,
     """
     comm = comm or Comm()
     state = state or AttackState()
-    validate = _validator(pool, val_labels)
+    validate = pool.validator(val_labels)
     n = len(pool.classes)
 
+    def fit_on(idx, targets, seed, weights=None):
+        return pool.fit(student, idx, targets, s.training, validate=validate, flip=s.flip,
+                        seed=seed, rank=comm.rank, world_size=comm.world_size,
+                        class_weights=weights)
+
     def fit_prompt_labels():
-        targets = torch.as_tensor(pool.classes, dtype=torch.long)
-        return fit(student, pool.x, targets, s.training, validate=validate, flip=s.flip,
-                   seed=s.seed, rank=comm.rank, world_size=comm.world_size)
+        return fit_on(None, torch.as_tensor(pool.classes, dtype=torch.long), s.seed)
 
     if s.prompt_only:  # the paper's "conventional" baseline: no teacher at all
         res = fit_prompt_labels()
@@ -159,11 +200,10 @@ def run_rounds(student: nn.Module, pool: ProxyPool, s: RoundSettings,
         picks = None
         if comm.rank == 0:
             if s.active:
-                latents = embed(student, pool.x).numpy()
+                latents = pool.embed(student)
                 groups = pool.classes
                 if s.centroids == "predicted":
-                    groups = predict_logits(getattr(student, "module", student),
-                                            pool.x).argmax(1).numpy()
+                    groups = pool.predict(student)
                 sel = active_select(latents, groups, quota, s.num_classes, sigma=s.sigma,
                                     sigma_mode=s.sigma_mode, rng=rng, candidates=unlabelled)
             else:
@@ -189,10 +229,7 @@ def run_rounds(student: nn.Module, pool: ProxyPool, s: RoundSettings,
             else:
                 weights = torch.as_tensor(class_weights(prior))
         y_bought = bought_targets(labels, s.output)
-        x_bought = pool.x[torch.as_tensor(state.bought_idx)]
-        res_c = fit(student, x_bought, y_bought, s.training, validate=validate, flip=s.flip,
-                    seed=s.seed + 1000 * r, rank=comm.rank, world_size=comm.world_size,
-                    class_weights=weights)
+        res_c = fit_on(state.bought_idx, y_bought, s.seed + 1000 * r, weights)
         row = {"round": r, "bought": int(len(state.bought_idx)), "bought_this_round": quota,
                "val_score_labelled": res_c.best_score, "epochs_labelled": res_c.epochs_run}
 
@@ -201,7 +238,7 @@ def run_rounds(student: nn.Module, pool: ProxyPool, s: RoundSettings,
             unlabelled = np.setdiff1d(np.arange(n), state.bought_idx)
             pseudo = None
             if comm.rank == 0:
-                latents = embed(student, pool.x).numpy()
+                latents = pool.embed(student)
                 pl = knn_pseudo_labels(
                     latents[unlabelled], latents[state.bought_idx], labels,
                     k=s.k, distance=s.knn_distance, mode=s.output, num_classes=s.num_classes,
@@ -215,9 +252,7 @@ def run_rounds(student: nn.Module, pool: ProxyPool, s: RoundSettings,
             # e. distil on X' ∪ X''
             idx = np.concatenate([state.bought_idx, p_idx])
             y_all = torch.cat([y_bought, bought_targets(p_labels, s.output)])
-            res_e = fit(student, pool.x[torch.as_tensor(idx)], y_all, s.training,
-                        validate=validate, flip=s.flip, seed=s.seed + 1000 * r + 1,
-                        rank=comm.rank, world_size=comm.world_size, class_weights=weights)
+            res_e = fit_on(idx, y_all, s.seed + 1000 * r + 1, weights)
             row.update({"pseudo_labelled": int(len(p_idx)), "filter_rate": filter_rate,
                         "val_score": res_e.best_score, "epochs_all": res_e.epochs_run})
         else:

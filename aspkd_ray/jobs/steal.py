@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from aspkd_ray import storage
-from aspkd_ray.aspkd.rounds import ProxyPool, RoundSettings
+from aspkd_ray.aspkd.rounds import RoundSettings
 from aspkd_ray.config import Config, ConfigError, num_rounds, to_dict, total_budget
 from aspkd_ray.datasets import get_spec, load_victim_data, to_tensor
 from aspkd_ray.errors import UserError
@@ -251,7 +251,7 @@ def run_steal(cfg: Config, *, trial: str | None = None,
 
     from aspkd_ray.evaluation.oracle import EvaluationOracle
     from aspkd_ray.evaluation.report import agreement, confusion, plot_attack
-    from aspkd_ray.generation import load_proxy_set
+    from aspkd_ray.pool import open_pool
     from aspkd_ray.runtime import connect
     from aspkd_ray.teacher import connect_teacher_service
     from aspkd_ray.tracking import mlflow_run
@@ -276,16 +276,12 @@ def run_steal(cfg: Config, *, trial: str | None = None,
     ensure_victim(cfg, train=train_victim)
     times["victim"] = time.time() - t
     t = time.time()
-    proxy = load_proxy_set(ensure_proxy(cfg))
+    proxy = open_pool(cfg, ensure_proxy(cfg), size, chans)
     times["proxy"] = time.time() - t
     num_classes = len(proxy.class_names) or spec.num_classes
-    train_mask = proxy.split == "train"
-    n = check_budget(cfg, num_classes, int(train_mask.sum()))  # the set as loaded
+    n = check_budget(cfg, num_classes, len(proxy.train))  # the set as loaded
 
-    tr, va = np.flatnonzero(train_mask), np.flatnonzero(~train_mask)
-    x_all = to_tensor(proxy.images, size, chans)
-    pool = ProxyPool(x=x_all[torch.as_tensor(tr)], classes=proxy.classes[tr],
-                     x_val=x_all[torch.as_tensor(va)], classes_val=proxy.classes[va])
+    tr, va, pool = proxy.train, proxy.val, proxy.pool
     ledger = lay.ledger
     prompt_only = cfg.aspkd.baseline == "prompt_only"
 
@@ -302,15 +298,16 @@ def run_steal(cfg: Config, *, trial: str | None = None,
                 vb = _pick_bought_val(pool.classes_val, cfg.training.bought_val_per_class,
                                       cfg.seed)
                 answers = teacher.buy([proxy.ids[va[i]] for i in vb], pool.classes_val[vb],
-                                      proxy.images[va[vb]])
-                keep = torch.as_tensor(vb)
-                pool.x_val, pool.classes_val = pool.x_val[keep], pool.classes_val[vb]
+                                      proxy.read(va[vb]))
+                pool.keep_val(vb)
                 val_labels = answers if answers.ndim == 1 else answers.argmax(1)
                 pool_budget = n - len(vb)
         settings = round_settings(cfg, num_classes, pool_budget, spec.horizontal_flip)
-        job = AttackJob(cfg=cfg, settings=settings, pool_ref=_put(pool),
+        memory = proxy.mode == "memory"
+        job = AttackJob(cfg=cfg, settings=settings, pool=_put(pool) if memory else pool,
                         ids=[str(i) for i in proxy.ids[tr]],
-                        images_ref=_put(proxy.images[tr]), num_classes=num_classes,
+                        images_ref=_put(proxy.read(tr)) if memory else None,
+                        input_shape=(size, chans), num_classes=num_classes,
                         budget_total=service_budget or n, ledger_uri=ledger,
                         val_labels=val_labels, trial=trial)
         rounds = run_attack(job, lay.train)
@@ -323,7 +320,6 @@ def run_steal(cfg: Config, *, trial: str | None = None,
                                 cfg.dataset.download, size)
         x_test = to_tensor(test.images, size, chans)
         victim_test = oracle.predict_classes(test.images)
-        victim_pool = oracle.predict_classes(proxy.images[tr])
         student = _student_like(cfg, num_classes, chans, size)
         by_round, pseudo_agree, final_classes, state = [], [], None, None
         for checkpoint, metrics in rounds:
@@ -340,7 +336,14 @@ def run_steal(cfg: Config, *, trial: str | None = None,
                                 "calls_used": row["calls_used"],
                                 **{k: float(v) for k, v in metrics.items()
                                    if isinstance(v, (int, float))}}, step=row["round"])
-        for p in (state.pseudo if state else []):
+        # The victim's view of the pseudo-labelled images only (streamed in chunks).
+        pseudo = state.pseudo if state else []
+        asked = np.unique(np.concatenate([p["idx"] for p in pseudo])) if pseudo else []
+        victim_pool = np.full(len(tr), -1, np.int64)
+        if len(asked):
+            victim_pool[asked] = proxy.read_chunked(tr[asked], oracle.predict_classes,
+                                                    size, chans)
+        for p in pseudo:
             pseudo_agree.append(agreement(p["classes"], victim_pool[p["idx"]])
                                 if len(p["idx"]) else float("nan"))
         times["evaluation"] = time.time() - t

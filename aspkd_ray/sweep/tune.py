@@ -166,9 +166,9 @@ def run_sweep(spec: SweepSpec, output_dir: str | Path) -> list[dict]:
     # Shared inputs are made once, before trials start.
     ensure_victim(base_cfg)
     proxy = ensure_proxy(base_cfg)
-    from aspkd_ray.generation import load_proxy_set
+    from aspkd_ray.generation import read_manifest
 
-    num_classes = len(load_proxy_set(proxy).class_names)
+    num_classes = len(read_manifest(proxy).get("class_names") or ())
     n = total_budget(base_cfg, num_classes)
     service_budget = spec.global_budget or n * max(spec.num_trials(), 1)
     # Trials run in other working directories: pin every path to what the driver resolved.

@@ -1,6 +1,8 @@
 """Ray Train layer: run the ASPKD round loop on a TorchTrainer worker group.
 
-One worker on a CPU machine, N GPU workers with DDP on a cluster: the same code. Rank 0 is
+One worker on a CPU machine, N GPU workers with DDP on a cluster: the same code. The pool
+reaches the workers in memory (an object store ref) or as a `StreamedPool` that reads its
+shards on demand (pool.mode). Rank 0 is
 the only one that selects and buys (through the teacher service, by name); decisions are
 broadcast so every rank trains the same student. After each round, rank 0 reports a Ray Train
 checkpoint (student weights + attack state, as data only: train/state_io.py), so rerunning
@@ -28,6 +30,7 @@ import torch
 from aspkd_ray import storage
 from aspkd_ray.aspkd.rounds import AttackState, ProxyPool, RoundSettings, run_rounds
 from aspkd_ray.config import Config
+from aspkd_ray.pool import StreamedPool
 from aspkd_ray.runtime import plan_workers
 from aspkd_ray.runtime.resources import check_placeable
 from aspkd_ray.train.comm import TorchDistComm
@@ -44,9 +47,11 @@ class AttackJob:
 
     cfg: Config
     settings: RoundSettings
-    pool_ref: object             # ObjectRef of ProxyPool
+    pool: object                 # ObjectRef of a ProxyPool (memory), or a StreamedPool
     ids: list[str]               # train-pool sample ids (for the teacher's ledger)
-    images_ref: object           # ObjectRef of the train pool's uint8 images (what is sent)
+    images_ref: object | None    # memory: ObjectRef of the train pool's uint8 images (what
+                                 # is sent); stream: None, the pool reads the picks
+    input_shape: tuple[int, int]  # (size, channels) of the student's input
     num_classes: int
     budget_total: int
     ledger_uri: str
@@ -182,8 +187,8 @@ def _attack(job: AttackJob, rank: int, world: int) -> None:
 
     from aspkd_ray.teacher import connect_teacher_service
 
-    pool: ProxyPool = ray.get(job.pool_ref)
-    _, chans, size, _ = pool.x.shape
+    pool = job.pool if isinstance(job.pool, StreamedPool) else ray.get(job.pool)
+    size, chans = job.input_shape
     student = _make_student(job.cfg, job.num_classes, chans, size)
     state = None
     resume = ray.train.get_checkpoint()
@@ -194,16 +199,18 @@ def _attack(job: AttackJob, rank: int, world: int) -> None:
         log.info("resuming the attack after round %d", state.round)
     student = ray.train.torch.prepare_model(student)
     device = next(student.parameters()).device
-    pool.x, pool.x_val = pool.x.to(device), pool.x_val.to(device)
+    if isinstance(pool, ProxyPool):
+        pool.x, pool.x_val = pool.x.to(device), pool.x_val.to(device)
 
     buy = None
     if rank == 0 and not job.settings.prompt_only:  # the baseline never touches the teacher
         client = connect_teacher_service(job.cfg, job.num_classes, budget=job.budget_total,
                                          ledger_uri=job.ledger_uri, trial=job.trial)
-        images = ray.get(job.images_ref)
+        images = None if job.images_ref is None else ray.get(job.images_ref)
 
         def buy(picks: np.ndarray) -> np.ndarray:
-            return client.buy([job.ids[i] for i in picks], pool.classes[picks], images[picks])
+            sent = pool.images(picks) if images is None else images[picks]
+            return client.buy([job.ids[i] for i in picks], pool.classes[picks], sent)
 
     node = ray.get_runtime_context().get_node_id()
 
