@@ -197,10 +197,11 @@ def run_rounds(student: nn.Module, pool: Pool, s: RoundSettings,
         quota = min(s.calls_in_round(r), len(unlabelled))
 
         # a. active selection (rank 0 decides, everyone learns the picks)
-        picks = None
+        picks, latents_mb = None, None
         if comm.rank == 0:
             if s.active:
                 latents = pool.embed(student)
+                latents_mb = round(latents.nbytes / 2**20, 2)
                 groups = pool.classes
                 if s.centroids == "predicted":
                     groups = pool.predict(student)
@@ -232,6 +233,8 @@ def run_rounds(student: nn.Module, pool: Pool, s: RoundSettings,
         res_c = fit_on(state.bought_idx, y_bought, s.seed + 1000 * r, weights)
         row = {"round": r, "bought": int(len(state.bought_idx)), "bought_this_round": quota,
                "val_score_labelled": res_c.best_score, "epochs_labelled": res_c.epochs_run}
+        if latents_mb is not None:  # the pool's latents (rank 0 holds them for selection)
+            row["latents_mb"] = latents_mb
 
         # d. self-paced pseudo-labels on X'', recomputed every round since S̄ changed
         if s.self_paced:

@@ -5,13 +5,22 @@ endpoint with the same protocol, timeouts, retries and credentials) and checks e
 the same way, but it has no ledger and no budget: evaluation is not part of the attack and
 costs the attack nothing. It is built by the evaluation code after (or beside) the attack
 and never handed to it; the attack reaches the victim only through the teacher service.
+
+It runs the victim in this process, placed by victim.device with the service's rule
+(`victims.local_victim_device`): cuda on a cluster without a GPU fails at once, and the victim
+goes to cuda only when this process's torch sees a GPU (a driver on a head without one runs
+it on CPU).
 """
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 
 from aspkd_ray.config import Config
+
+log = logging.getLogger(__name__)
 
 
 class EvaluationOracle:
@@ -19,17 +28,21 @@ class EvaluationOracle:
 
     def __init__(self, cfg: Config, num_classes: int | None = None) -> None:
         from aspkd_ray.datasets import get_spec
-        from aspkd_ray.teacher.victims import make_victim
+        from aspkd_ray.teacher.victims import local_victim_device, make_victim
 
         self.cfg = cfg
         self.output = cfg.victim.output
+        self.device = local_victim_device(cfg)  # first: a wrong victim.device fails at once
         self.num_classes = num_classes or self._num_classes(cfg) or get_spec(
             cfg.dataset.name).num_classes
         if not self.num_classes:
             raise ValueError(f"the number of classes of data set {cfg.dataset.name!r} is not "
                              f"known here; pass num_classes.")
-        self.victim = make_victim(cfg, self.num_classes)
+        self.victim = make_victim(cfg, self.num_classes, device=self.device)
         self.batch_size = cfg.victim.batch_size
+        if not cfg.victim.endpoint:
+            log.info("evaluation oracle: victim on %s (victim.device=%s)", self.device,
+                     cfg.victim.device)
 
     @staticmethod
     def _num_classes(cfg: Config) -> int | None:

@@ -370,6 +370,7 @@ def run_steal(cfg: Config, *, trial: str | None = None,
             "pseudo_label_agreement": pseudo_agree[-1] if pseudo_agree else None,
             "pseudo_label_agreement_by_round": pseudo_agree,
             "victim_output": cfg.victim.output,
+            "pool_mode": proxy.mode,
             "student_pretrain": cfg.student.pretrain,
             "pretrain": state.pretrain if state else None,
             "method": ("prompt_only" if prompt_only else

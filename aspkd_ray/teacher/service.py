@@ -13,6 +13,10 @@ discarded if the reservation fails: the same guarantee, without the fsync in the
 
 `buy` is idempotent for a given list of ids (bought ids are free, unanswered ones are retried
 at no charge), which is what makes Ray's automatic retry after a restart safe.
+
+A local victim runs on the GPU when victim.device asks for it: the driver decides from the
+cluster whether the actor asks Ray for one (`service_gpus`), the actor then puts the victim on
+cuda when torch sees it (`victims.torch_device`).
 """
 
 from __future__ import annotations
@@ -43,13 +47,15 @@ ACTOR_CPUS = 0.25        # fractional: on 2 CPUs the service must not starve Tra
 ACTOR_CONCURRENCY = 4    # status calls are answered while a buy waits on the victim
 TASK_RETRIES = 3         # Ray resubmits a buy after a restart; buy is idempotent
 PLACEMENT_TIMEOUT_S = 120.0  # an autoscaler may need a while; an impossible request fails
+HEAD_RESOURCE = "node:__internal_head__"
 
 
 class TeacherService:
     """The actor class (use connect_teacher_service, not this directly)."""
 
-    def __init__(self, cfg: Config, num_classes: int, budget: int, ledger_uri: str) -> None:
-        from aspkd_ray.teacher.victims import make_victim, victim_name
+    def __init__(self, cfg: Config, num_classes: int, budget: int, ledger_uri: str,
+                 gpus: int = 0) -> None:
+        from aspkd_ray.teacher.victims import make_victim, torch_device, victim_name
 
         self.cfg = cfg
         self.started = time.time()
@@ -82,7 +88,9 @@ class TeacherService:
             # Allowed (a moved checkpoint, a new URL for the same model), but worth saying.
             log.warning("ledger %s was started against victim %s, now %s", self.ledger.uri,
                         self.ledger.meta["victim"], name)
-        self.victim = make_victim(cfg, num_classes)
+        # `gpus`: what this actor asked Ray for; a GPU it did not ask for is not its to use.
+        self.victim = make_victim(cfg, num_classes,
+                                  device=torch_device(gpus > 0, cfg.victim.device))
         self.batch_size = cfg.victim.batch_size
         self._buy_lock = threading.Lock()   # one request at a time: the cap stays exact
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="ledger")
@@ -102,7 +110,8 @@ class TeacherService:
             out.update({"budget": self.ledger.budget, "output": self.ledger.output,
                         "num_classes": self.ledger.num_classes, "ledger": self.ledger.uri,
                         "victim": self.ledger.meta.get("victim"),
-                        "batch_size": self.batch_size, "torch_threads": _torch_threads()})
+                        "batch_size": self.batch_size, "torch_threads": _torch_threads(),
+                        "victim_device": getattr(self.victim, "device", "remote")})
         return out
 
     def status(self) -> dict:
@@ -320,26 +329,24 @@ class TeacherClient:
             return ray.get(getattr(self._handle, method).remote(*args))
 
 
-def _get_or_create(cfg: Config, num_classes: int, budget: int, ledger_uri: str):
+def _get_or_create(cfg: Config, num_classes: int, budget: int, ledger_uri: str,
+                   gpus: int = 0):
     import ray
-    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-    actor = ray.remote(TeacherService).options(
-        name=cfg.ray.teacher_service, namespace=cfg.ray.namespace, get_if_exists=True,
-        max_restarts=-1, max_task_retries=TASK_RETRIES, max_concurrency=ACTOR_CONCURRENCY,
-        **placement(cfg.ray.teacher_node),
-        # Shared by every trial: never placed inside the calling Tune trial's placement group.
-        scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None))
-    handle = actor.remote(cfg, num_classes, budget, ledger_uri)
+    opts = service_options(cfg, gpus, _head_gpus() if gpus else 0.0)
+    actor = ray.remote(TeacherService).options(**opts)
+    handle = actor.remote(cfg, num_classes, budget, ledger_uri, gpus)
     try:
         info = ray.get(handle.describe.remote(), timeout=PLACEMENT_TIMEOUT_S)
     except ray.exceptions.GetTimeoutError:
         ray.kill(handle, no_restart=True)
+        asked = {k: opts[k] for k in ("num_cpus", "num_gpus", "resources") if k in opts}
         raise UserError(f"the teacher service could not be placed within "
                         f"{PLACEMENT_TIMEOUT_S:.0f} s (ray.teacher_node="
-                        f"{cfg.ray.teacher_node!r}, asking {placement(cfg.ray.teacher_node)}); "
-                        f"the cluster has {ray.cluster_resources()}. Set ray.teacher_node to "
-                        f"head, any, or a custom resource some node has.") from None
+                        f"{cfg.ray.teacher_node!r}, victim.device={cfg.victim.device!r}, "
+                        f"asking {asked}); the cluster has {ray.cluster_resources()}. Set "
+                        f"ray.teacher_node to head, any, or a custom resource some node has"
+                        f"{', or victim.device=cpu' if gpus else ''}.") from None
     except ray.exceptions.RayActorError as exc:
         raise RuntimeError(f"the teacher service {cfg.ray.teacher_service!r} could not start: "
                            f"{exc}") from exc
@@ -350,14 +357,84 @@ def _get_or_create(cfg: Config, num_classes: int, budget: int, ledger_uri: str):
     return handle, info
 
 
-def placement(teacher_node: str) -> dict:
+def service_options(cfg: Config, gpus: int = 0, head_gpus: float = 0.0) -> dict:
+    """The actor's Ray options: its name, restarts, concurrency and placement."""
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    return dict(
+        name=cfg.ray.teacher_service, namespace=cfg.ray.namespace, get_if_exists=True,
+        max_restarts=-1, max_task_retries=TASK_RETRIES, max_concurrency=ACTOR_CONCURRENCY,
+        **placement(cfg.ray.teacher_node, gpus, head_gpus),
+        # Shared by every trial: never placed inside the calling Tune trial's placement group.
+        scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None))
+
+
+def placement(teacher_node: str, gpus: int = 0, head_gpus: float = 0.0) -> dict:
     """The service's resource request: on the head node by default (it outlives worker
-    nodes, and needs no CPU there, so a head with num-cpus 0 still takes it)."""
-    if teacher_node == "head":
-        return {"num_cpus": 0, "resources": {"node:__internal_head__": 0.001}}
-    if teacher_node == "any":
-        return {"num_cpus": ACTOR_CPUS}
-    return {"num_cpus": 0, "resources": {teacher_node: 0.001}}
+    nodes, and needs no CPU there, so a head with num-cpus 0 still takes it).
+
+    With `gpus` (a local victim on cuda) it also asks for them; ray.teacher_node=head then
+    means the head when it has `head_gpus` to give, else any GPU node (heads often have no
+    GPU, and the victim needs one more than the head's longer life).
+    """
+    if teacher_node == "head" and gpus and head_gpus < gpus:
+        opts: dict = {"num_cpus": 0}
+    elif teacher_node == "head":
+        opts = {"num_cpus": 0, "resources": {HEAD_RESOURCE: 0.001}}
+    elif teacher_node == "any":
+        opts = {"num_cpus": ACTOR_CPUS}
+    else:
+        opts = {"num_cpus": 0, "resources": {teacher_node: 0.001}}
+    if gpus:
+        opts["num_gpus"] = gpus
+    return opts
+
+
+def service_gpus(cfg: Config) -> int:
+    """GPUs the teacher service asks Ray for (0 or 1), decided in the driver: victim.device
+    against the connected cluster's GPUs, leaving Ray Train the GPUs it will plan for the
+    attack (both run at once). Raises ConfigError for victim.device=cuda on a cluster with no
+    GPU (or none left beside Ray Train's). 0 for an HTTP victim."""
+    if cfg.victim.endpoint or cfg.victim.device == "cpu":
+        return 0
+    from aspkd_ray.teacher.victims import cluster_resources, gpu_request
+
+    return gpu_request(cfg.victim.device, cluster_resources(), train_gpus=_train_gpus(cfg),
+                       autoscale=cfg.ray.autoscale)
+
+
+def _train_gpus(cfg: Config) -> float:
+    """The GPUs Ray Train will ask for (train/attack.py plans the same way)."""
+    from aspkd_ray.runtime.resources import ResourceError, plan_workers
+
+    try:
+        plan = plan_workers(requested=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
+                            cpus_per_worker=cfg.ray.cpus_per_worker, reserve_cpus=0.5,
+                            autoscale=cfg.ray.autoscale)
+    except ResourceError:  # Ray Train names the problem when the attack starts
+        return 0.0
+    return plan.num * plan.gpus
+
+
+def _head_gpus() -> float:
+    """The head node's GPUs (0 when none is found)."""
+    import ray
+
+    for node in ray.nodes():
+        res = node.get("Resources") or {}
+        if node.get("Alive") and HEAD_RESOURCE in res:
+            return float(res.get("GPU", 0.0))
+    return 0.0
+
+
+def _check_device(cfg: Config, gpus: int, info: dict) -> None:
+    """Say where the victim runs, and warn when it is not where victim.device asked."""
+    where = info.get("victim_device")
+    log.info("teacher service: victim on %s (victim.device=%s)", where, cfg.victim.device)
+    if gpus and where != "cuda":
+        log.warning("victim.device=%s: the teacher service runs its victim on %s (a service "
+                    "already running keeps its device: stop it to change that; else its "
+                    "torch sees no GPU)", cfg.victim.device, where)
 
 
 def _check_running(cfg: Config, info: dict, budget: int, num_classes: int,
@@ -412,6 +489,7 @@ def connect_teacher_service(cfg: Config, num_classes: int, budget: int | None = 
     uri = normalize_uri(ledger_uri or run_layout(cfg).ledger)
     cfg = _resolved(cfg)
     connect(cfg.ray.address, cfg.ray.namespace)
+    gpus = service_gpus(cfg)  # before the ledger: victim.device=cuda without a GPU fails here
     nodes = len([n for n in ray.nodes() if n.get("Alive")])
     check_ledger_reachable(uri, nodes)
     running = _running_info(cfg)
@@ -421,9 +499,11 @@ def connect_teacher_service(cfg: Config, num_classes: int, budget: int | None = 
         _check_running(cfg, running, budget, num_classes, uri)
     else:
         _prepare_ledger(cfg, uri, budget, num_classes)
-    handle, info = _get_or_create(cfg, num_classes, budget, uri)
+    handle, info = _get_or_create(cfg, num_classes, budget, uri, gpus)
+    if not cfg.victim.endpoint:
+        _check_device(cfg, gpus, info)
     return TeacherClient(handle, info, trial, cfg.budget.per_trial,
-                         (cfg, num_classes, budget, uri))
+                         (cfg, num_classes, budget, uri, gpus))
 
 
 def _prepare_ledger(cfg: Config, uri: str, budget: int, num_classes: int) -> None:

@@ -3,17 +3,33 @@
 A victim takes float tensors N x C x H x W in [0, 1] at its input size and returns its raw
 answer (soft: N x C probabilities, hard: N class ids). Answers are checked by the caller
 (`checks.check_answer`), never here, so every path is validated the same way.
+
+Where a local victim runs (victim.device: cpu | cuda | auto) is decided in two steps. In the
+driver, `gpu_request` says from the Ray cluster's resources whether the victim's process asks
+Ray for a GPU (an actor gets one only by asking); in that process, `torch_device` puts the
+victim on cuda only when a GPU was asked for and torch sees one. Ray 2.60 hides no GPU from an
+actor that asked for none, so torch alone cannot tell whether a GPU is this process's to use.
+HTTP victims ignore victim.device.
 """
 
 from __future__ import annotations
 
+import logging
+import os
+import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 import torch
 
-from aspkd_ray.config import Config
+from aspkd_ray.config import Config, ConfigError
+
+log = logging.getLogger(__name__)
+
+DEVICES = ("cpu", "cuda", "auto")
+VICTIM_GPUS = 1  # a local victim on cuda asks Ray for one whole GPU
 
 
 class Victim(Protocol):
@@ -71,8 +87,78 @@ def _local_name(location: str) -> str:
     return f"local:{location if storage.is_uri(location) else Path(location).resolve()}"
 
 
-def make_victim(cfg: Config, num_classes: int) -> Victim:
-    """The configured victim: victim.endpoint if set, else the local checkpoint."""
+def gpu_request(device: str, cluster: Mapping[str, float], *, train_gpus: float = 0.0,
+                autoscale: bool = False) -> int:
+    """GPUs (0 or VICTIM_GPUS) the process running a local victim asks Ray for; decided in
+    the driver from the cluster's resources (`ray.cluster_resources()`).
+
+    cpu: none. auto: one when the cluster has a GPU beyond the `train_gpus` that Ray Train
+    will hold at the same time (else the victim stays on CPU). cuda: one, or a ConfigError
+    when the cluster has no GPU, or none left beside Ray Train's: a service holding the GPU
+    a Train worker waits for would stall the attack. With `autoscale`, cuda waits for a GPU
+    node instead of failing.
+    """
+    if device not in DEVICES:
+        raise ConfigError(f"victim.device: got {device!r}; expected one of: "
+                          f"{', '.join(DEVICES)}.")
+    if device == "cpu":
+        return 0
+    total = float(cluster.get("GPU", 0.0) or 0.0)
+    spare = total - float(train_gpus)
+    if device == "auto":
+        return VICTIM_GPUS if spare >= VICTIM_GPUS else 0
+    if autoscale:
+        return VICTIM_GPUS
+    if total < VICTIM_GPUS:
+        raise ConfigError(f"victim.device=cuda, but the Ray cluster has no GPU ({total:g}); "
+                          f"set victim.device=cpu or auto, or connect to a cluster with a GPU "
+                          f"(ray.address).")
+    if spare < VICTIM_GPUS:
+        fewer = (f"ray.num_workers={int(total) - VICTIM_GPUS} (a GPU left for the victim), "
+                 if total - VICTIM_GPUS >= 1 else "")
+        raise ConfigError(f"victim.device=cuda, but Ray Train takes {train_gpus:g} of the "
+                          f"cluster's {total:g} GPU(s) and the teacher service needs one of "
+                          f"its own; set {fewer}ray.use_gpu=false, or victim.device=auto "
+                          f"(the victim then runs on CPU).")
+    return VICTIM_GPUS
+
+
+def torch_device(gpu: bool, requested: str = "auto") -> str:
+    """In the victim's process: 'cuda' when a GPU was asked for (`gpu`) and torch sees one,
+    else 'cpu' (with a warning when victim.device=cuda was asked for)."""
+    if not gpu:
+        return "cpu"
+    if torch.cuda.is_available():
+        return "cuda"
+    say = log.warning if requested == "cuda" else log.info
+    say("victim.device=%s: a GPU was asked for, but torch sees none in this process "
+        "(CUDA_VISIBLE_DEVICES=%r, torch built for CUDA %s); the victim runs on CPU",
+        requested, os.environ.get("CUDA_VISIBLE_DEVICES"), torch.version.cuda)
+    return "cpu"
+
+
+def cluster_resources() -> dict[str, float]:
+    """The connected Ray cluster's total resources; without Ray, this machine's GPUs."""
+    ray = sys.modules.get("ray")  # never imported: certainly not connected
+    if ray is not None and ray.is_initialized():
+        return dict(ray.cluster_resources())
+    return {"GPU": float(torch.cuda.device_count())}
+
+
+def local_victim_device(cfg: Config) -> str:
+    """Where a victim run in this process, without a Ray request of its own (the evaluation
+    oracle), goes: the cluster decides as for the service (cuda on a cluster without GPU is
+    a ConfigError), then what this process sees. 'cpu' for an HTTP victim."""
+    v = cfg.victim
+    if v.endpoint:
+        return "cpu"
+    gpus = gpu_request(v.device, cluster_resources(), autoscale=cfg.ray.autoscale)
+    return torch_device(gpus > 0, v.device)
+
+
+def make_victim(cfg: Config, num_classes: int, device: str | None = None) -> Victim:
+    """The configured victim: victim.endpoint if set, else the local checkpoint on `device`
+    (default: `local_victim_device(cfg)`). HTTP victims ignore the device."""
     from aspkd_ray.teacher.http_victim import HttpVictim
     from aspkd_ray.victim.train import victim_location
 
@@ -82,7 +168,8 @@ def make_victim(cfg: Config, num_classes: int) -> Victim:
                           num_classes=num_classes, model_name=v.model_name,
                           timeout_s=v.timeout_s, max_retries=v.max_retries,
                           rate_limit_per_s=v.rate_limit_per_s, auth_env=v.auth_env)
-    return LocalVictim(victim_location(cfg), v.output, num_classes)
+    return LocalVictim(victim_location(cfg), v.output, num_classes,
+                       device=device or local_victim_device(cfg))
 
 
 def victim_input(images: np.ndarray, cfg: Config) -> torch.Tensor:
