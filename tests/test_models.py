@@ -7,6 +7,7 @@ from aspkd_ray.models import create_model, list_models, load_checkpoint, save_ch
 EXPECTED = [
     ("digits_cnn", 28, 1, (64, 7, 7), 3136),
     ("digits_cnn_small", 28, 1, (32, 7, 7), 1568),
+    ("patch_cnn", 224, 3, (32, 4, 4), 512),
     ("alexnet", 32, 3, (256, 4, 4), 4096),
     ("half_alexnet", 32, 3, (128, 4, 4), 2048),
     ("alexnet", 224, 3, (256, 6, 6), 9216),

@@ -47,7 +47,7 @@ def _pools(proxy, memory_bytes=1 << 30):
     mem = ProxyPool(x[torch.as_tensor(tr)], whole.classes[tr], x[torch.as_tensor(va)],
                     whole.classes[va])
     streamed = StreamedPool(index, tr, va, SIZE, CHANS, memory_bytes=memory_bytes,
-                            embed_batch=16)
+                            embed_batch=16, embed_actors=1)
     return whole, index, mem, streamed
 
 
@@ -64,8 +64,34 @@ def test_index_reads_only_asked_rows_in_order(proxy):
     rows = np.array([17, 3, 99, 3, 0])
     assert np.array_equal(index.read_images(rows), whole.images[rows])
     assert len(index.shard_names) == 12  # 120 images, shards of 10
+    # A process never decodes more than half of pool.memory_mb at once.
+    streamed = StreamedPool(index, index.positions("train"), index.positions("val"), SIZE,
+                            CHANS, memory_bytes=2 * index.stored_bytes(99))
+    assert streamed.images(np.arange(99)).shape == (99, SIZE, SIZE, CHANS)
     with pytest.raises(PoolTooLarge, match="pool.memory_mb"):
-        index.read_floats(np.arange(100), SIZE, CHANS, limit_bytes=float_bytes(99, SIZE, CHANS))
+        streamed.images(np.arange(100))
+
+
+def test_decoded_images_are_kept_for_reuse_within_the_cap(proxy, monkeypatch):
+    import aspkd_ray.pool.index as index_module
+
+    _, index, _, _ = _pools(proxy)
+    decoded = []
+    real = index_module.png_decode
+    monkeypatch.setattr(index_module, "png_decode", lambda b: decoded.append(1) or real(b))
+    index.use_cache(index.stored_bytes(50))
+    index.read_images(np.arange(40))
+    index.read_images(np.arange(40))
+    assert len(decoded) == 40  # the second read decoded nothing
+    index.read_images(np.arange(40, 100))  # 60 more: the oldest are dropped
+    assert index.cache.used <= index.stored_bytes(50) and len(index.cache.rows) == 50
+    kept = np.asarray(list(index.cache.rows))
+    decoded.clear()
+    index.read_images(kept)
+    assert decoded == []
+    dropped = np.setdiff1d(np.arange(100), kept)
+    index.read_images(dropped[:10])
+    assert len(decoded) == 10
 
 
 def test_auto_mode_streams_only_a_pool_over_the_cap():
@@ -93,17 +119,17 @@ def test_a_subset_under_the_cap_trains_exactly_as_in_memory(proxy):
 
 def test_a_subset_over_the_cap_is_streamed_in_chunks_each_image_once_per_epoch(proxy):
     _, index, mem, _ = _pools(proxy)
-    cap = float_bytes(25, SIZE, CHANS)  # chunks of 16 images (batch 16)
+    cap = 2 * float_bytes(25, SIZE, CHANS)  # chunks of 16 images (batch 16)
     streamed = StreamedPool(index, index.positions("train"), index.positions("val"), SIZE,
                             CHANS, memory_bytes=cap)
     reads = []
-    real = index.read_floats
+    real = index.read_images
 
-    def spy(rows, size, channels, limit_bytes=None):
+    def spy(rows):
         reads.append(len(rows))
-        return real(rows, size, channels, limit_bytes)
+        return real(rows)
 
-    index.read_floats = spy
+    index.read_images = spy
     idx = np.arange(len(mem.classes))
     y = torch.as_tensor(mem.classes)
     batches = streamed._streamed_batches(streamed.train_rows[idx], y, 16, seed=0, rank=0,
@@ -111,6 +137,7 @@ def test_a_subset_over_the_cap_is_streamed_in_chunks_each_image_once_per_epoch(p
     seen = [yb for _, yb in batches(0)]
     assert sum(len(b) for b in seen) == len(idx)
     assert max(reads) <= 25  # never more decoded at once than the cap holds
+    assert index.stored_bytes(len(idx)) > streamed.half  # so this fit streams
     # each image once, with its own target: the class counts match
     assert np.array_equal(np.bincount(torch.cat(seen).numpy(), minlength=3),
                           np.bincount(mem.classes, minlength=3))
@@ -136,14 +163,21 @@ def test_latents_from_ray_data_actors_match_the_in_memory_pool(ray_session, prox
     half = streamed.embed(model)
     assert half.dtype == np.float16
     np.testing.assert_allclose(half.astype(np.float32), want, rtol=1e-2, atol=1e-2)
+    # and in the worker's own process, a chunk at a time, through the cache
+    streamed.latents_dtype, streamed.embed_actors = "float32", 0
+    streamed.memory_bytes = 2 * float_bytes(30, SIZE, CHANS)
+    assert streamed.embed_here()
+    np.testing.assert_allclose(streamed.embed(model), want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(streamed.predict(model), mem.predict(model))
 
 
 @pytest.mark.timeout(600)
 def test_steal_runs_with_a_pool_over_the_memory_cap_never_decoding_it(ray_session, tmp_path,
                                                                      monkeypatch):
-    """Done-when test: the pool (600 images, 1.8 MB decoded) is larger than pool.memory_mb
-    (1 MB); the driver may not decode it (load_proxy_set fails here), and every read in the
-    workers refuses more than the cap."""
+    """Done-when test: the pool (800 images, 2.5 MB as float32, 0.6 MB as stored) is larger
+    than pool.memory_mb (1 MB, half of it for decoded images kept): the driver may not decode
+    it (load_proxy_set fails here), every read in the workers refuses more than half the cap,
+    latents come from Ray Data actors and the fits on the whole pool stream."""
     import sys
 
     sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
@@ -157,7 +191,7 @@ def test_steal_runs_with_a_pool_over_the_memory_cap_never_decoding_it(ray_sessio
     plugin.write_text(PLUGIN)
     cfg = from_dict({}, [
         f"cache_dir={tmp_path / 'cache'}", "generator.kind=plugin",
-        f"generator.plugin={plugin}:make", "generator.batch_size=50", "proxy.per_class=60",
+        f"generator.plugin={plugin}:make", "generator.batch_size=50", "proxy.per_class=80",
         "budget.calls_per_class=2", "victim.training.max_epochs=2",
         "training.max_epochs=1", "student.pretrain=proxy_prompts",
         "training.early_stopping=bought_val", "training.bought_val_per_class=1",

@@ -388,9 +388,13 @@ def _check_latents(name: str, x: np.ndarray) -> np.ndarray:
         )
     if not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):
         raise ValueError(f"{name} must be real numbers, got dtype {x.dtype}.")
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    if not np.all(np.isfinite(x)):
-        raise ValueError(f"{name} contains NaN or inf; check the student encoder's outputs.")
+    # float16 latents of a large pool stay float16: each search batch is cast to float32.
+    if not np.issubdtype(x.dtype, np.floating) or x.dtype == np.float64:
+        x = x.astype(np.float32)
+    for start in range(0, len(x), 65536):  # checked in chunks: no pool-sized temporary
+        if not np.all(np.isfinite(x[start:start + 65536])):
+            raise ValueError(f"{name} contains NaN or inf; check the student encoder's "
+                             f"outputs.")
     return x
 
 

@@ -83,15 +83,15 @@ def active_select(
     pool = _check_candidates(candidates, n_rows)
     _check_n_select(n_select, pool.size)
 
-    cand_latents = latents[pool]
     cand_classes = classes[pool]
 
-    # Centroid μ_c of each class's candidates, and each candidate's Euclidean distance Δ_i to it.
-    # (One vectorised mean per present class: faster than np.add.at on wide latents.)
-    centroids = np.zeros((num_classes, latents.shape[1]), dtype=np.float64)
+    # Centroid μ_c of each class's candidates, and each candidate's Euclidean distance Δ_i to it,
+    # in float64 one class at a time: the temporaries are one class's latents, not the pool's.
+    delta = np.empty(pool.size, dtype=np.float64)
     for c in np.unique(cand_classes):
-        centroids[c] = cand_latents[cand_classes == c].mean(axis=0)
-    delta = np.linalg.norm(cand_latents - centroids[cand_classes], axis=1)
+        at = np.flatnonzero(cand_classes == c)
+        lat = latents[pool[at]].astype(np.float64)
+        delta[at] = np.linalg.norm(lat - lat.mean(axis=0), axis=1)
 
     if sigma_mode == "median":
         scale = float(np.median(delta)) if delta.size else 0.0
@@ -213,9 +213,10 @@ def _check_latents(latents: np.ndarray) -> np.ndarray:
         )
     if not (np.issubdtype(latents.dtype, np.floating) or np.issubdtype(latents.dtype, np.integer)):
         raise ValueError(f"latents must be real numbers, got dtype {latents.dtype}.")
-    latents = latents.astype(np.float64, copy=False)
-    if not np.all(np.isfinite(latents)):
-        raise ValueError("latents contain NaN or inf; check the student encoder's outputs.")
+    # Kept in their dtype (float16 latents of a large pool stay float16); checked in chunks.
+    for start in range(0, latents.shape[0], 65536):
+        if not np.all(np.isfinite(latents[start:start + 65536])):
+            raise ValueError("latents contain NaN or inf; check the student encoder's outputs.")
     return latents
 
 

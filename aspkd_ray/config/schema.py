@@ -155,16 +155,22 @@ class ASPKDConfig:
 class PoolConfig:
     mode: str = _f("auto", choices=("auto", "memory", "stream"),
                    doc="memory: every process of the attack holds the decoded proxy pool; "
-                       "stream: the pool stays PNG in its Parquet shards, latents are "
-                       "computed by Ray Data actors and each fit reads only its subset; "
+                       "stream: the pool stays PNG in its Parquet shards, each process "
+                       "decodes only what it works on (see memory_mb, embed_actors); "
                        "auto: memory when the decoded pool fits in memory_mb")
     memory_mb: int = _f(1024, min=1,
-                        doc="the most decoded images (float32 at the input size) one process "
-                            "holds at once: the whole pool in auto mode, a fit's subset or a "
-                            "streamed chunk in stream mode")
+                        doc="the most decoded images one process of a streamed attack holds: "
+                            "half for decoded images kept for reuse, half for the images a "
+                            "fit or pass works on; auto mode holds the pool in memory when "
+                            "its float32 images fit in it")
     latents: str = _f("float32", choices=("float32", "float16"),
                       doc="how the pool's latents are kept for selection and kNN")
-    embed_actors: int = _f(1, min=1, doc="Ray Data actors computing latents (stream mode)")
+    embed_actors: int | None = _f(None, min=0,
+                                  doc="where a streamed pool's latents are computed: 0 = in "
+                                      "the Ray Train worker; N = N Ray Data actors; None = "
+                                      "in the worker when the pool's images fit in half of "
+                                      "memory_mb, else one actor per GPU (per node without "
+                                      "GPUs)")
     embed_gpus: float = _f(0.0, min=0.0, doc="GPUs per latent actor (stream mode)")
     embed_batch: int = _f(256, min=1, doc="images per latent batch")
 

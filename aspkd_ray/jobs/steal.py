@@ -254,6 +254,7 @@ def run_steal(cfg: Config, *, trial: str | None = None,
     from aspkd_ray.pool import open_pool
     from aspkd_ray.runtime import connect
     from aspkd_ray.teacher import connect_teacher_service
+    from aspkd_ray.teacher.service import service_gpus
     from aspkd_ray.tracking import mlflow_run
     from aspkd_ray.train.attack import AttackJob, load_round, run_attack
 
@@ -271,6 +272,8 @@ def run_steal(cfg: Config, *, trial: str | None = None,
     times: dict[str, float] = {}
     t_all = time.time()
     connect(cfg.ray.address, cfg.ray.namespace)
+    if cfg.aspkd.baseline != "prompt_only":
+        service_gpus(cfg)  # victim.device=cuda on a cluster without a GPU fails here
 
     t = time.time()
     ensure_victim(cfg, train=train_victim)

@@ -99,6 +99,27 @@ class DigitsCNN(ZooModel):
         return self.head(features)
 
 
+class PatchCNN(ZooModel):
+    """A patchify stem (stride 4) and two stride-2 blocks pooled to 4 x 4: a few MFLOPs per
+    224 px image, so paper-sized pools can be run on CPUs (scale tests, CPU smoke runs)."""
+
+    def __init__(self, num_classes: int, in_chans: int, image_size: int, width: int = 32) -> None:
+        super().__init__(in_chans)
+        w = width
+        self.features = nn.Sequential(
+            nn.Conv2d(in_chans, w // 2, 4, stride=4), nn.BatchNorm2d(w // 2), nn.ReLU(True),
+            nn.Conv2d(w // 2, w, 3, stride=2, padding=1), nn.BatchNorm2d(w), nn.ReLU(True),
+            nn.Conv2d(w, w, 3, stride=2, padding=1), nn.BatchNorm2d(w), nn.ReLU(True),
+            nn.AdaptiveAvgPool2d(4))
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(w * 16, num_classes))
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(self.normalize(x))
+
+    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
+        return self.head(features)
+
+
 class AlexNet(ZooModel):
     """AlexNet with a width multiplier (Half-AlexNet: width 0.5, half the conv filters and
     half the fully-connected units). Below 64 px the stem is the usual CIFAR variant
@@ -175,6 +196,11 @@ def _digits_cnn(num_classes: int, in_chans: int, image_size: int, pretrained: bo
 def _digits_cnn_small(num_classes: int, in_chans: int, image_size: int,
                       pretrained: bool) -> ZooModel:
     return DigitsCNN(num_classes, in_chans, image_size, width=16, hidden=64)
+
+
+@register("patch_cnn", "student")
+def _patch_cnn(num_classes: int, in_chans: int, image_size: int, pretrained: bool) -> ZooModel:
+    return PatchCNN(num_classes, in_chans, image_size, width=32)
 
 
 @register("alexnet", "teacher")

@@ -55,6 +55,18 @@ class ShardEncoder:
         return {"row": np.concatenate(positions), "out": np.concatenate(outputs)}
 
 
+def num_actors(requested: int | None, gpus_each: float) -> int:
+    """pool.embed_actors, or one actor per GPU (gpus_each > 0), else one per alive node."""
+    import ray
+
+    if requested:
+        return requested
+    if gpus_each > 0:
+        return max(1, int(ray.cluster_resources().get("GPU", 0) // gpus_each))
+    return max(1, sum(1 for n in ray.nodes() if n.get("Alive") and
+                      n.get("Resources", {}).get("CPU", 0) > 0))
+
+
 def map_pool(pool, arch: dict, weights: dict, what: str) -> np.ndarray:
     """`what` ('latents' or 'classes') for every train image of `pool` (a StreamedPool), in
     train-id order, by the model zoo model `arch` (its `.arch`) with `weights`."""
@@ -65,13 +77,14 @@ def map_pool(pool, arch: dict, weights: dict, what: str) -> np.ndarray:
     ray.data.DataContext.get_current().enable_progress_bars = False
     shards = np.unique(pool.index.shard[pool.train_rows])
     ds = ray.data.from_items([{"shard": int(k)} for k in shards])
+    actors = min(num_actors(pool.embed_actors, pool.embed_gpus), len(shards))
     free = ray.available_resources().get("CPU", 0.0)
-    cpus = max(0.05, min(1.0, free / pool.embed_actors)) if pool.embed_gpus == 0 else 1.0
+    cpus = max(0.05, min(1.0, free / actors)) if pool.embed_gpus == 0 else 1.0
     dtype = pool.latents_dtype if what == "latents" else "int64"
     out = ds.map_batches(
         ShardEncoder, batch_size=1, fn_constructor_kwargs={
             "pool": pool, "arch": arch, "weights": ray.put(weights), "what": what, "dtype": dtype},
-        compute=ActorPoolStrategy(size=min(pool.embed_actors, len(shards))),
+        compute=ActorPoolStrategy(size=actors),
         num_cpus=cpus, num_gpus=pool.embed_gpus or None)
     # Positions in the train split: train_rows is sorted, so searchsorted maps pool rows.
     result: np.ndarray | None = None

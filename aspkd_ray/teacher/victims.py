@@ -110,9 +110,9 @@ def gpu_request(device: str, cluster: Mapping[str, float], *, train_gpus: float 
     if autoscale:
         return VICTIM_GPUS
     if total < VICTIM_GPUS:
-        raise ConfigError(f"victim.device=cuda, but the Ray cluster has no GPU ({total:g}); "
-                          f"set victim.device=cpu or auto, or connect to a cluster with a GPU "
-                          f"(ray.address).")
+        raise ConfigError("victim.device=cuda, but the Ray cluster has no GPU; set "
+                          "victim.device=cpu or auto, or connect to a cluster with a GPU "
+                          "(ray.address).")
     if spare < VICTIM_GPUS:
         fewer = (f"ray.num_workers={int(total) - VICTIM_GPUS} (a GPU left for the victim), "
                  if total - VICTIM_GPUS >= 1 else "")
