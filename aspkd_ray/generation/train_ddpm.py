@@ -39,6 +39,7 @@ from aspkd_ray.generation.ddpm import (
     read_info,
     train_scheduler,
 )
+from aspkd_ray.storage import atomic_file
 
 log = logging.getLogger(__name__)
 
@@ -109,9 +110,8 @@ def _lr_factor(step: int, total: int) -> float:
 
 def _save_state(path: Path, state: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save({"format": STATE_FORMAT, **state}, tmp)
-    tmp.replace(path)  # atomic: an interruption never leaves half a checkpoint
+    with atomic_file(path) as tmp:  # an interruption never leaves half a checkpoint
+        torch.save({"format": STATE_FORMAT, **state}, tmp)
 
 
 def load_training_state(path: Path) -> dict:

@@ -25,6 +25,7 @@ import torch
 
 from aspkd_ray.aspkd.rounds import AttackState
 from aspkd_ray.errors import UserError
+from aspkd_ray.storage import atomic_file
 
 STATE_JSON = "attack_state.json"
 STATE_ARRAYS = "attack_state.npz"
@@ -101,13 +102,12 @@ def save_state(state: AttackState, folder: str | Path) -> None:
         "bought_labels": (None if state.bought_labels is None else
                           _encode(np.asarray(state.bought_labels), arrays, "bought_labels")),
     }
-    # Write both files before either is visible under its final name.
-    tmp_json, tmp_npz = folder / (STATE_JSON + ".tmp"), folder / (STATE_ARRAYS + ".tmp")
-    tmp_json.write_text(json.dumps(doc, indent=1))
-    with open(tmp_npz, "wb") as fh:
+    # The arrays first, then the JSON that refers to them: a state whose JSON is there is
+    # whole.
+    with atomic_file(folder / STATE_ARRAYS) as tmp, open(tmp, "wb") as fh:
         np.savez(fh, **arrays)
-    tmp_npz.replace(folder / STATE_ARRAYS)
-    tmp_json.replace(folder / STATE_JSON)
+    with atomic_file(folder / STATE_JSON) as tmp:
+        Path(tmp).write_text(json.dumps(doc, indent=1))
 
 
 def load_state(folder: str | Path) -> AttackState:
