@@ -1,12 +1,14 @@
 """The ASPKD round loop (Algorithm 1) with a fake teacher: budget, rounds, hard mode."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 
 import aspkd_ray.aspkd.rounds as rounds_mod
 from aspkd_ray.aspkd.rounds import ProxyPool, RoundSettings, run_rounds
-from aspkd_ray.config import TrainingConfig
+from aspkd_ray.config import ASPKDConfig, TrainingConfig
 from aspkd_ray.datasets import load_generator_data, to_tensor
 from aspkd_ray.models import create_model
 
@@ -21,13 +23,24 @@ def pool():
                      classes_val=data.labels[va]), data.labels[tr]
 
 
+ASPKD_KEYS = {f.name for f in dataclasses.fields(ASPKDConfig)}
+
+
 def _settings(**kw):
+    """RoundSettings with the aspkd keys (and the old names active / prompt_only) mapped
+    into the aspkd section."""
+    a = {"sigma": 1.0, "sigma_mode": "median"}
+    if "active" in kw:
+        a["selection"] = "paper" if kw.pop("active") else "random"
+    if kw.pop("prompt_only", False):
+        a["baseline"] = "prompt_only"
+    a.update({k: kw.pop(k) for k in list(kw) if k in ASPKD_KEYS})
     base = dict(num_classes=10, budget=40, rounds=3, output="soft",
                 training=TrainingConfig(max_epochs=1, patience=1, batch_size=64,
                                         augment=False),
-                sigma=1.0, sigma_mode="median", seed=0)
+                flip=False, seed=0, pretrain=False)
     base.update(kw)
-    return RoundSettings(**base)
+    return RoundSettings(aspkd=ASPKDConfig(**a), **base)
 
 
 class FakeTeacher:

@@ -21,6 +21,7 @@ candidates than its quota gives all it has while the shortfall goes to the other
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -149,6 +150,63 @@ def random_select(
         per_class=np.bincount(classes[indices], minlength=num_classes).astype(np.int64),
         sigma=float("nan"),
     )
+
+
+# --- the registry: aspkd.selection names a strategy ----------------------------------------
+
+
+@dataclass(frozen=True)
+class SelectionInput:
+    """What a strategy may use to pick a round's images."""
+
+    quota: int                         # images to pick this round
+    classes: np.ndarray                # (N,) class of every pool image (generation class)
+    candidates: np.ndarray             # row indices still unlabelled
+    num_classes: int
+    rng: np.random.Generator           # the only source of randomness
+    latents: Callable[[], np.ndarray]  # (N, D) S̄(x) of every pool image, computed on demand
+    predicted: Callable[[], np.ndarray]  # (N,) the student's class of every pool image
+    settings: object                   # the aspkd config section (sigma, centroids, ...)
+
+
+Strategy = Callable[[SelectionInput], SelectionResult]
+_STRATEGIES: dict[str, Strategy] = {}
+
+
+def register_selection(name: str) -> Callable[[Strategy], Strategy]:
+    """Register a selection strategy under `name` (`aspkd.selection: name`)."""
+    def deco(fn: Strategy) -> Strategy:
+        _STRATEGIES[name] = fn
+        return fn
+    return deco
+
+
+def list_selections() -> list[str]:
+    return sorted(_STRATEGIES)
+
+
+def get_selection(name: str) -> Strategy:
+    if name not in _STRATEGIES:
+        raise ValueError(f"aspkd.selection: got {name!r}; expected one of: "
+                         f"{', '.join(list_selections())}.")
+    return _STRATEGIES[name]
+
+
+@register_selection("paper")
+def _paper(inp: SelectionInput) -> SelectionResult:
+    """Eq. (2): per class, ∝ exp(-Δ/(2σ²)) around the class centroid of S̄ (the centroids of
+    generation classes, or of the student's predicted classes with aspkd.centroids)."""
+    a = inp.settings
+    groups = inp.predicted() if a.centroids == "predicted" else inp.classes
+    return active_select(inp.latents(), groups, inp.quota, inp.num_classes, sigma=a.sigma,
+                         sigma_mode=a.sigma_mode, rng=inp.rng, candidates=inp.candidates)
+
+
+@register_selection("random")
+def _random(inp: SelectionInput) -> SelectionResult:
+    """Knockoff-style: the same per-class quotas, uniform inside a class (no latents)."""
+    return random_select(inp.classes, inp.quota, inp.num_classes, rng=inp.rng,
+                         candidates=inp.candidates)
 
 
 # --- shared by both samplers ---------------------------------------------------------------

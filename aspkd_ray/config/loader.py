@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import math
 import os
 import types
@@ -200,8 +201,34 @@ def _check_endpoint_url(url: str) -> None:
                           f"with a host (and a port in 1..65535), e.g. http://127.0.0.1:5000.")
 
 
+def _check_selection(cfg: Config) -> None:
+    from aspkd_ray.aspkd.selection import list_selections
+
+    names = list_selections()
+    if cfg.aspkd.selection not in names:
+        raise ConfigError(f"aspkd.selection: got {cfg.aspkd.selection!r}; expected one of: "
+                          f"{', '.join(names)}.")
+
+
+def _deprecated_aliases(cfg: Config) -> Config:
+    """aspkd.active (a bool) became aspkd.selection (a strategy name)."""
+    from dataclasses import replace
+
+    active = cfg.aspkd.active
+    if active is None:
+        return cfg
+    wanted = "paper" if active else "random"
+    if cfg.aspkd.selection not in ("paper", wanted):
+        raise ConfigError(f"aspkd.active={str(active).lower()} contradicts aspkd.selection="
+                          f"{cfg.aspkd.selection}; drop aspkd.active (deprecated).")
+    logging.getLogger(__name__).warning(
+        "aspkd.active is deprecated; use aspkd.selection=%s", wanted)
+    return replace(cfg, aspkd=replace(cfg.aspkd, selection=wanted, active=None))
+
+
 def _cross_validate(cfg: Config) -> None:
     _check_architectures(cfg)
+    _check_selection(cfg)
     for i, tpl in enumerate(cfg.generator.templates):
         if "{class}" not in tpl:
             raise ConfigError(f"generator.templates[{i}]: got {tpl!r}; every template must "
@@ -266,7 +293,7 @@ def from_dict(data: dict[str, Any] | None, overrides: list[str] | tuple[str, ...
     for text in overrides:
         key, value = parse_override(text)
         _set_dotted(data, key, value)
-    cfg = _build(Config, data, "")
+    cfg = _deprecated_aliases(_build(Config, data, ""))
     _cross_validate(cfg)
     return absolute_paths(cfg)
 

@@ -34,6 +34,8 @@ class DatasetConfig:
     root: str | None = _f(None, doc="folder with the data set files (real data sets)")
     image_size: int | None = _f(None, min=4, doc="victim input size; None = data set default")
     channels: int | None = _f(None, choices=(1, 3), doc="None = data set default")
+    horizontal_flip: bool | None = _f(None, doc="flip images in training augmentation; None "
+                                                "= data set default (never for digits)")
     download: bool = _f(False, doc="let torchvision download the data set when missing")
 
 
@@ -139,7 +141,11 @@ class ASPKDConfig:
     k: int = _f(5, min=1)
     distance: str | None = _f(None, choices=(None, "cosine", "euclidean"),
                               doc="kNN distance; None = cosine for soft, euclidean for hard")
-    active: bool = _f(True, doc="active selection (off = random picks, Knockoff-style)")
+    selection: str = _f("paper", doc="how a round picks the images to buy: paper (Eq. 2, "
+                                     "active selection), random (Knockoff-style), or any "
+                                     "registered strategy (aspkd/selection.py)")
+    active: bool | None = _f(None, doc="deprecated: true = selection paper, false = "
+                                       "selection random")
     self_paced: bool = _f(True, doc="kNN pseudo-labels on the unlabelled pool")
     generation_class_filter: bool = _f(True)
     prior_correction: bool = _f(False, doc="divide teacher soft labels by the teacher's class "

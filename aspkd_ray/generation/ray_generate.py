@@ -418,7 +418,7 @@ def generate_proxy_at(cfg: Config, proxy_dir: str | Path, *, shard_size: int | N
     run of a folder. `executor="local"` runs the same actor class in this process, without
     Ray (debugging, benchmarks).
     """
-    from aspkd_ray.victim.train import input_shape
+    from aspkd_ray.layout import input_shape
 
     if executor not in EXECUTORS:
         raise ValueError(f"executor: got {executor!r}; expected one of: {', '.join(EXECUTORS)}.")

@@ -587,7 +587,7 @@ def _resolved(cfg: Config) -> Config:
     if cfg.victim.endpoint:
         return cfg
     from aspkd_ray import cache, storage
-    from aspkd_ray.victim.train import victim_location
+    from aspkd_ray.layout import victim_location
 
     location = victim_location(cfg)
     # A URI stays a URI: the actor, on whatever node, downloads its own copy (cache.local_copy).

@@ -34,6 +34,7 @@ LEGACY_STATE = "attack_state.pkl"   # pickle: refused, never opened
 FORMAT = "aspkd-attack-state"
 VERSION = 1
 _FIELDS = {"format", "version", "round", "history", "pseudo", "pretrain", "bought_labels"}
+_OPTIONAL = {"bought_val"}  # written since the bought validation subset moved into the loop
 _ARRAY = "$array"
 
 
@@ -101,6 +102,7 @@ def save_state(state: AttackState, folder: str | Path) -> None:
         "pretrain": _encode(state.pretrain, arrays, "pretrain"),
         "bought_labels": (None if state.bought_labels is None else
                           _encode(np.asarray(state.bought_labels), arrays, "bought_labels")),
+        "bought_val": _encode(state.bought_val, arrays, "bought_val"),
     }
     # The arrays first, then the JSON that refers to them: a state whose JSON is there is
     # whole.
@@ -127,7 +129,8 @@ def load_state(folder: str | Path) -> AttackState:
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         raise StateFileError(f"{json_path} is not a readable JSON file ({exc}); "
                              f"{_restart_hint(folder)}") from exc
-    if not isinstance(doc, dict) or set(doc) != _FIELDS or doc.get("format") != FORMAT:
+    if not isinstance(doc, dict) or not _FIELDS <= set(doc) <= _FIELDS | _OPTIONAL \
+            or doc.get("format") != FORMAT:
         got = sorted(doc) if isinstance(doc, dict) else type(doc).__name__
         raise StateFileError(f"{json_path} is not an aspkd attack state (expected the fields "
                              f"{sorted(_FIELDS)} with format {FORMAT!r}, got {got}); "
@@ -171,11 +174,18 @@ def _state_from(doc: dict, arrays: dict[str, np.ndarray]) -> AttackState:
                                or labels.ndim not in (1, 2) or len(labels) != len(idx)):
         raise ValueError(f"bought_labels must be an array with one row per bought index "
                          f"({len(idx)})")
+    bought_val = _decode(doc.get("bought_val"), arrays, used, "bought_val")
+    if bought_val is not None and (
+            not isinstance(bought_val, dict) or set(bought_val) != {"idx", "labels"}
+            or not all(isinstance(v, np.ndarray) and v.ndim == 1 for v in bought_val.values())
+            or len(bought_val["idx"]) != len(bought_val["labels"])):
+        raise ValueError("bought_val must be null or {idx, labels}: two 1-D arrays of one "
+                         "length")
     extra = set(arrays) - used
     if extra:
         raise ValueError(f"unreferenced arrays {sorted(extra)}")
     return AttackState(round=rnd, bought_idx=idx, bought_labels=labels, history=history,
-                       pseudo=pseudo, pretrain=pretrain)
+                       pseudo=pseudo, pretrain=pretrain, bought_val=bought_val)
 
 
 # ---- student weights ---------------------------------------------------------------------
