@@ -150,3 +150,37 @@ def test_dataset_horizontal_flip_overrides_the_data_set_default():
     assert horizontal_flip(from_dict({}, ["dataset.name=imagefolder",
                                           "dataset.horizontal_flip=false"])) is False
     assert horizontal_flip(from_dict({}, [])) is False  # digits
+
+
+def test_every_registered_pseudo_label_rule_honours_its_contract():
+    """Each rule labels every query (soft: distributions, hard: class ids), says which it
+    keeps, and a query sitting on a reference gets that reference's class."""
+    import numpy as np
+
+    from aspkd_ray.aspkd.pseudo_labels import (
+        PseudoLabelInput,
+        get_pseudo_label_rule,
+        list_pseudo_label_rules,
+    )
+
+    rng = np.random.default_rng(0)
+    reference = rng.normal(size=(12, 6)).astype(np.float32)
+    ref_classes = np.arange(12) % 3
+    query = np.concatenate([reference + 1e-4, rng.normal(size=(8, 6)).astype(np.float32)])
+    gen = np.concatenate([ref_classes, rng.integers(0, 3, 8)])
+    settings = from_dict({}, ["aspkd.k=1"]).aspkd
+    assert "paper" in list_pseudo_label_rules()
+    for name in list_pseudo_label_rules():
+        for mode, labels in (("soft", np.eye(3, dtype=np.float32)[ref_classes]),
+                             ("hard", ref_classes)):
+            out = get_pseudo_label_rule(name)(PseudoLabelInput(
+                query=query, reference=reference, reference_labels=labels,
+                generation_classes=gen, mode=mode, num_classes=3, distance="euclidean",
+                settings=settings))
+            assert out.classes.shape == (20,) and out.kept.shape == (20,), (name, mode)
+            if mode == "soft":
+                np.testing.assert_allclose(out.labels.sum(1), 1.0, atol=1e-5)
+            else:
+                assert out.labels.dtype.kind == "i"
+            assert list(out.classes[:12]) == list(ref_classes), (name, mode)
+            assert out.kept[:12].all(), (name, mode)

@@ -76,14 +76,16 @@ def test_budget_is_spent_exactly_over_rounds_without_repeats(pool):
 
 def test_every_round_recomputes_latents_and_pseudo_labels(pool, monkeypatch):
     p, truth = pool
+    import aspkd_ray.aspkd.pseudo_labels as pl_mod
+
     seen = []
-    real_knn = rounds_mod.knn_pseudo_labels
+    real_rule = pl_mod.get_pseudo_label_rule("paper")
 
-    def spy(query, reference, labels, **kw):
-        seen.append((query.copy(), reference.shape[0]))
-        return real_knn(query, reference, labels, **kw)
+    def spy(inp):
+        seen.append((inp.query.copy(), inp.reference.shape[0]))
+        return real_rule(inp)
 
-    monkeypatch.setattr(rounds_mod, "knn_pseudo_labels", spy)
+    monkeypatch.setitem(pl_mod._RULES, "paper", spy)
     state = run_rounds(_student(), p, _settings(), FakeTeacher(truth, "soft"))
     assert [n for _, n in seen] == [13, 26, 40]  # the labelled set grows each round
     # the unlabelled pool's latents change between rounds (the student moved)
@@ -114,9 +116,10 @@ def test_hard_mode_rejects_probabilities_from_the_teacher(pool):
 
 def test_vanilla_and_prompt_only_switches(pool, monkeypatch):
     p, truth = pool
+    import aspkd_ray.aspkd.pseudo_labels as pl_mod
+
     called = []
-    monkeypatch.setattr(rounds_mod, "knn_pseudo_labels",
-                        lambda *a, **k: called.append(1) or None)
+    monkeypatch.setitem(pl_mod._RULES, "paper", lambda inp: called.append(1) or None)
     teacher = FakeTeacher(truth, "soft")
     state = run_rounds(_student(), p, _settings(active=False, self_paced=False), teacher)
     assert teacher.calls == 40 and not called and state.pseudo == []
@@ -180,19 +183,21 @@ def test_pretrain_fits_generation_classes_before_round_one_and_only_once(pool, m
 
 def _run(pool_fixture, monkeypatch, output):
     p, truth = pool_fixture
+    import aspkd_ray.aspkd.pseudo_labels as pl_mod
+
     fits, knn_refs = [], []
-    real_fit, real_knn = rounds_mod.fit, rounds_mod.knn_pseudo_labels
+    real_fit, real_rule = rounds_mod.fit, pl_mod.get_pseudo_label_rule("paper")
 
     def fit_spy(model, x, targets, cfg, **kw):
         fits.append((targets.clone(), kw.get("class_weights")))
         return real_fit(model, x, targets, cfg, **kw)
 
-    def knn_spy(query, reference, labels, **kw):
-        knn_refs.append(np.array(labels))
-        return real_knn(query, reference, labels, **kw)
+    def knn_spy(inp):
+        knn_refs.append(np.array(inp.reference_labels))
+        return real_rule(inp)
 
     monkeypatch.setattr(rounds_mod, "fit", fit_spy)
-    monkeypatch.setattr(rounds_mod, "knn_pseudo_labels", knn_spy)
+    monkeypatch.setitem(pl_mod._RULES, "paper", knn_spy)
     teacher = BiasedTeacher(truth, output)
     state = rounds_mod.run_rounds(_student(), p, _settings(output=output,
                                                            prior_correction=True), teacher)

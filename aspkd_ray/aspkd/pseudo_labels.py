@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -50,8 +51,13 @@ def _prefer_fast_openblas_kernel() -> None:
         os.environ["OPENBLAS_CORETYPE"] = "Haswell"
 
 
-_prefer_fast_openblas_kernel()
-import faiss  # noqa: E402  (after the kernel choice above)
+def load_faiss():
+    """faiss, imported on first use (after the kernel choice above): naming a rule, or
+    validating a config, needs no BLAS."""
+    _prefer_fast_openblas_kernel()
+    import faiss
+
+    return faiss
 
 DISTANCES = ("cosine", "euclidean")
 MODES = ("soft", "hard")
@@ -79,6 +85,46 @@ class PseudoLabels:
     filter_rate: float
     neighbours: np.ndarray
     distances: np.ndarray
+
+
+# --- the registry: aspkd.pseudo_labels names a rule --------------------------------------
+
+
+@dataclass(frozen=True)
+class PseudoLabelInput:
+    """What a rule may use to label the unlabelled pool X'' from the bought set X'."""
+
+    query: np.ndarray               # (Nq, D) latents of the unlabelled images
+    reference: np.ndarray           # (Nr, D) latents of the bought images
+    reference_labels: np.ndarray    # the teacher's answers (soft: Nr x C, hard: Nr)
+    generation_classes: np.ndarray  # (Nq,) class each query image was generated for
+    mode: str                       # "soft" | "hard"
+    num_classes: int
+    distance: str                   # "cosine" | "euclidean"
+    settings: object                # the aspkd config section (k, the filter, ...)
+
+
+Rule = Callable[[PseudoLabelInput], "PseudoLabels"]
+_RULES: dict[str, Rule] = {}
+
+
+def register_pseudo_labels(name: str) -> Callable[[Rule], Rule]:
+    """Register a pseudo-label rule under `name` (`aspkd.pseudo_labels: name`)."""
+    def deco(fn: Rule) -> Rule:
+        _RULES[name] = fn
+        return fn
+    return deco
+
+
+def list_pseudo_label_rules() -> list[str]:
+    return sorted(_RULES)
+
+
+def get_pseudo_label_rule(name: str) -> Rule:
+    if name not in _RULES:
+        raise ValueError(f"aspkd.pseudo_labels: got {name!r}; expected one of: "
+                         f"{', '.join(list_pseudo_label_rules())}.")
+    return _RULES[name]
 
 
 def knn_pseudo_labels(
@@ -207,6 +253,7 @@ def _faiss_knn(
     Cosine: inner product of L2-normalised vectors, distance 1 - cos.
     Euclidean: faiss's L2 index returns squared distances; the square root is taken here.
     """
+    faiss = load_faiss()
     dim = reference.shape[1]
     if distance == "cosine":
         index = faiss.IndexFlatIP(dim)
@@ -245,7 +292,7 @@ def _l2_normalise(x: np.ndarray) -> np.ndarray:
 def _resolve_use_gpu(use_gpu: bool | None) -> bool:
     if use_gpu is not None and not isinstance(use_gpu, (bool, np.bool_)):
         raise ValueError(f"use_gpu must be True, False or None, got {use_gpu!r}.")
-    has_gpu = faiss.get_num_gpus() > 0
+    has_gpu = load_faiss().get_num_gpus() > 0
     if use_gpu and not has_gpu:
         warnings.warn(
             "use_gpu=True but faiss sees no GPU (faiss-cpu build, or no device); "
@@ -405,3 +452,14 @@ def _check_batch_size(batch_size: int | None) -> int:
             or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1 or None, got {batch_size!r}.")
     return int(batch_size)
+
+
+@register_pseudo_labels("paper")
+def _paper(inp: PseudoLabelInput) -> PseudoLabels:
+    """The paper's rule: k nearest bought neighbours (weighted average or vote), dropped when
+    the label's class differs from the generation class."""
+    a = inp.settings
+    return knn_pseudo_labels(inp.query, inp.reference, inp.reference_labels, k=a.k,
+                             distance=inp.distance, mode=inp.mode, num_classes=inp.num_classes,
+                             generation_classes=inp.generation_classes,
+                             filter_by_generation_class=a.generation_class_filter)

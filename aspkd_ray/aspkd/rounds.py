@@ -29,7 +29,7 @@ from torch import nn
 
 from aspkd_ray.aspkd.distill import FitResult, accuracy, embed, fit, predict_logits
 from aspkd_ray.aspkd.prior import class_weights, correct_soft_labels, teacher_prior
-from aspkd_ray.aspkd.pseudo_labels import knn_pseudo_labels
+from aspkd_ray.aspkd.pseudo_labels import PseudoLabelInput, get_pseudo_label_rule
 from aspkd_ray.aspkd.selection import SelectionInput, get_selection
 from aspkd_ray.config import ASPKDConfig, Config, TrainingConfig
 
@@ -294,12 +294,11 @@ def run_rounds(student: nn.Module, pool: Pool, s: RoundSettings,
             pseudo = None
             if comm.rank == 0:
                 latents = pool.embed(student)
-                pl = knn_pseudo_labels(
-                    latents[unlabelled], latents[state.bought_idx], labels,
-                    k=s.aspkd.k, distance=s.knn_distance, mode=s.output,
-                    num_classes=s.num_classes,
-                    generation_classes=pool.classes[unlabelled],
-                    filter_by_generation_class=s.aspkd.generation_class_filter)
+                pl = get_pseudo_label_rule(s.aspkd.pseudo_labels)(PseudoLabelInput(
+                    query=latents[unlabelled], reference=latents[state.bought_idx],
+                    reference_labels=labels, generation_classes=pool.classes[unlabelled],
+                    mode=s.output, num_classes=s.num_classes, distance=s.knn_distance,
+                    settings=s.aspkd))
                 pseudo = (unlabelled[pl.kept], pl.labels[pl.kept], pl.classes[pl.kept],
                           float(pl.filter_rate))
             p_idx, p_labels, p_classes, filter_rate = comm.broadcast(pseudo)

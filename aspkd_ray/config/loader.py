@@ -201,13 +201,16 @@ def _check_endpoint_url(url: str) -> None:
                           f"with a host (and a port in 1..65535), e.g. http://127.0.0.1:5000.")
 
 
-def _check_selection(cfg: Config) -> None:
+def _check_registered(cfg: Config) -> None:
+    """aspkd.selection and aspkd.pseudo_labels must name registered entries."""
+    from aspkd_ray.aspkd.pseudo_labels import list_pseudo_label_rules
     from aspkd_ray.aspkd.selection import list_selections
 
-    names = list_selections()
-    if cfg.aspkd.selection not in names:
-        raise ConfigError(f"aspkd.selection: got {cfg.aspkd.selection!r}; expected one of: "
-                          f"{', '.join(names)}.")
+    for key, value, names in (("aspkd.selection", cfg.aspkd.selection, list_selections()),
+                              ("aspkd.pseudo_labels", cfg.aspkd.pseudo_labels,
+                               list_pseudo_label_rules())):
+        if value not in names:
+            raise ConfigError(f"{key}: got {value!r}; expected one of: {', '.join(names)}.")
 
 
 def _deprecated_aliases(cfg: Config) -> Config:
@@ -228,7 +231,7 @@ def _deprecated_aliases(cfg: Config) -> Config:
 
 def _cross_validate(cfg: Config) -> None:
     _check_architectures(cfg)
-    _check_selection(cfg)
+    _check_registered(cfg)
     for i, tpl in enumerate(cfg.generator.templates):
         if "{class}" not in tpl:
             raise ConfigError(f"generator.templates[{i}]: got {tpl!r}; every template must "

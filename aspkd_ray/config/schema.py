@@ -147,6 +147,9 @@ class ASPKDConfig:
     active: bool | None = _f(None, doc="deprecated: true = selection paper, false = "
                                        "selection random")
     self_paced: bool = _f(True, doc="kNN pseudo-labels on the unlabelled pool")
+    pseudo_labels: str = _f("paper", doc="the pseudo-label rule: paper (kNN, generation-class "
+                                         "filter) or any registered rule "
+                                         "(aspkd/pseudo_labels.py)")
     generation_class_filter: bool = _f(True)
     prior_correction: bool = _f(False, doc="divide teacher soft labels by the teacher's class "
                                            "prior on the bought set (hard: class-weighted "
