@@ -12,6 +12,7 @@ text-to-image model.
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 from pathlib import Path
@@ -121,6 +122,7 @@ class DDPMGenerator:
         self.unet.eval()
         train_cfg = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
         self.scheduler = sampling_scheduler(scheduler, train_cfg)
+        self._step_takes_generator = step_takes_generator(self.scheduler)
         self.steps = steps
         self.info = read_info(folder)
         cfg = self.unet.config
@@ -152,7 +154,22 @@ class DDPMGenerator:
     def _step(self, out: torch.Tensor, t, x: torch.Tensor, gens: list) -> torch.Tensor:
         # Stochastic schedulers draw per-step noise: per-sample CPU generators keep each
         # image tied to its own seed.
-        try:
+        if self._step_takes_generator:
             return self.scheduler.step(out, t, x, generator=gens).prev_sample
-        except TypeError:
-            return self.scheduler.step(out, t, x).prev_sample
+        return self.scheduler.step(out, t, x).prev_sample
+
+
+def step_takes_generator(scheduler: object) -> bool:
+    """Whether `scheduler.step` accepts `generator=` (its per-step noise source).
+
+    The four schedulers `sampling_scheduler` offers (DDIM, DDPM, DPM-Solver, Euler) take it
+    (diffusers 0.42); some others do not (PNDM, UniPC), and are stepped without it. Checked
+    once, from the signature, rather than by catching TypeError around step(): that would
+    also swallow a real TypeError raised inside step() and silently re-run the step without
+    the seeded noise.
+    """
+    try:
+        params = inspect.signature(scheduler.step).parameters
+    except (TypeError, ValueError):  # no introspectable signature: pass it, fail loudly
+        return True
+    return "generator" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())

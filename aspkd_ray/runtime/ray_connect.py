@@ -32,7 +32,12 @@ def connect(address: str | None = None, namespace: str = "aspkd",
     import ray
 
     if not ray.is_initialized():
-        address = address or os.environ.get("RAY_ADDRESS") or local_head_address() or "local"
+        address = address or os.environ.get("RAY_ADDRESS") or local_head_address()
+        if not address:
+            # Said out loud: a user who meant to join a cluster sees why this one is new.
+            log.info("no Ray address given (--address, ray.address or RAY_ADDRESS) and no "
+                     "`ray start` head running on this machine: starting an embedded Ray")
+            address = "local"
         mode = "embedded" if address == "local" else "cluster"
         sync_auth_mode()
         quiet_train_cleaner()
@@ -61,13 +66,20 @@ def local_head_address() -> str | None:
         log.warning("cannot look for a local Ray head (%s); starting an embedded Ray. Set "
                     "RAY_ADDRESS or --address to join a running one.", exc)
         return None
+    # Only OSError means "cannot tell": anything else from these helpers is a bug or an
+    # incompatible Ray, and must not quietly turn into an embedded Ray.
     try:
         recorded = read_ray_address()
-        return recorded if recorded and recorded in find_gcs_addresses() else None
+        live = find_gcs_addresses() if recorded else frozenset()
     except OSError as exc:  # the record or /proc could not be read
         log.warning("cannot read the local Ray head's address (%s); starting an embedded "
                     "Ray. Set RAY_ADDRESS or --address to join a running one.", exc)
         return None
+    if recorded and recorded not in live:
+        log.info("a Ray head was recorded at %s but none is running there (stopped or "
+                 "crashed); not joining it", recorded)
+        return None
+    return recorded or None
 
 
 def use_local_token() -> None:
@@ -152,8 +164,10 @@ def _object_store_bytes() -> int:
     """15% of memory, within [512 MiB, 8 GiB]: modest on small machines."""
     try:
         total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
+    except (ValueError, OSError, AttributeError) as exc:  # no sysconf (Windows) or no names
         total = 8 << 30
+        log.info("cannot read this machine's memory size (%s); sizing Ray's object store "
+                 "as for 8 GiB", exc)
     return int(min(max(total * 0.15, 512 << 20), 8 << 30))
 
 

@@ -5,8 +5,10 @@
 - v2 (KServe, Triton, MLServer): POST /v2/models/<name>/infer with one FP32 input tensor;
   the answer's first output tensor is used.
 
-Timeouts, bounded retries with exponential backoff (timeouts, connection errors, 5xx, 429),
-a token-bucket rate limit, and a bearer token read from an environment variable. The token is
+Timeouts; bounded retries by urllib3's `Retry` mounted on the requests session (timeouts,
+connection errors, 429, 500, 502, 503, 504; exponential backoff with jitter, a server's
+Retry-After honoured up to a cap); a token-bucket rate limit that every attempt, retries
+included, passes through; and a bearer token read from an environment variable. The token is
 kept out of reprs, logs and error messages: every text that comes from the endpoint (an error
 page may echo the request, headers included) goes through `redact` first (teacher/redact.py),
 and `secrets` lets the teacher service redact what it records too.
@@ -20,9 +22,15 @@ import random
 import threading
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
+from urllib3.exceptions import InvalidHeader, MaxRetryError
+from urllib3.util.retry import RequestHistory, Retry
+
+if TYPE_CHECKING:
+    from urllib3.response import BaseHTTPResponse
 
 from aspkd_ray.teacher.checks import check_answer
 from aspkd_ray.teacher.errors import InvalidAnswer
@@ -30,7 +38,9 @@ from aspkd_ray.teacher.redact import redact
 
 log = logging.getLogger(__name__)
 
-RETRY_STATUS = {429, 500, 502, 503, 504}
+RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
+MAX_BACKOFF_S = 120.0        # one backoff wait never exceeds this (urllib3's default cap)
+MAX_RETRY_AFTER_S = 60.0     # a longer Retry-After is cut to this: a stuck server costs <= 1 min
 
 
 class HttpVictimError(RuntimeError):
@@ -42,6 +52,76 @@ def safe_url(url: str) -> str:
     parts = urlsplit(url)
     netloc = parts.netloc.rsplit("@", 1)[-1]
     return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+class VictimRetry(Retry):
+    """urllib3's Retry with this victim's schedule and a hook before every retry.
+
+    Only POST exists here, and it is retried even after it was sent (urllib3's default
+    allowed_methods leave POST out): the teacher service reserves a batch in its ledger
+    (durably) before the request leaves and charges it once however many times it reaches
+    the endpoint, and an inference call changes no state on the server; so a retry after a
+    timeout or a dropped connection cannot charge the budget twice (a metered endpoint does
+    bill each attempt). Only RETRY_STATUS is retried, never another 4xx: 401/403 or a bad
+    request would fail the same way again. urllib3 keeps its own rules for which errors are
+    retried (connection and read errors, `status_forcelist`) and how often (`total`); this
+    class changes only
+
+    - the backoff: `backoff_factor * 2**(n-1)`, times a jitter in [0.5, 1.5), before retry n,
+      the first included (urllib3 retries the first failure at once);
+    - Retry-After: capped at `retry_after_max_s`; an unparsable value falls back to the
+      backoff instead of raising urllib3's InvalidHeader out of the request;
+    - `before_retry(retry)`, called after the wait and before the next attempt (the victim
+      logs it and takes a rate-limit token there).
+
+    `new()` is how urllib3 makes the next Retry (one per attempt), so it carries the extras.
+    """
+
+    # urllib3 would also retry a 413 that carries Retry-After; only RETRY_STATUS is retried.
+    RETRY_AFTER_STATUS_CODES = frozenset()
+
+    def __init__(self, *args, before_retry: Callable[[Retry], None] | None = None,
+                 retry_after_max_s: float = MAX_RETRY_AFTER_S, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.before_retry = before_retry
+        self.retry_after_max_s = float(retry_after_max_s)
+
+    def new(self, **kw: object) -> VictimRetry:
+        out = super().new(**kw)
+        out.before_retry, out.retry_after_max_s = self.before_retry, self.retry_after_max_s
+        return out
+
+    def get_backoff_time(self) -> float:
+        n = len(self.history)
+        if n == 0 or self.backoff_factor <= 0:
+            return 0.0
+        # Jitter spreads retrying clients so they do not hit a recovering server together.
+        wait = self.backoff_factor * 2 ** (n - 1) * (0.5 + random.random())
+        return min(MAX_BACKOFF_S, wait)
+
+    def parse_retry_after(self, retry_after: str) -> float:
+        try:
+            seconds = super().parse_retry_after(retry_after)
+        except InvalidHeader:
+            # The value is not quoted: like any text from the endpoint it could echo a secret.
+            log.warning("victim sent an unparsable Retry-After header; using the backoff")
+            return 0.0  # 0: urllib3 then sleeps the backoff instead
+        if seconds > self.retry_after_max_s:
+            log.warning("victim asked to retry after %.0f s; waiting %.0f s (the cap)",
+                        seconds, self.retry_after_max_s)
+        return min(float(seconds), self.retry_after_max_s)
+
+    def sleep(self, response: BaseHTTPResponse | None = None) -> None:
+        super().sleep(response)
+        if self.before_retry is not None:
+            self.before_retry(self)
+
+
+def _failure(entry: RequestHistory) -> str:
+    """What went wrong in one attempt, without its message (which holds the URL)."""
+    if entry.status:
+        return f"HTTP {entry.status}"
+    return type(entry.error).__name__ if entry.error is not None else "unknown error"
 
 
 class TokenBucket:
@@ -82,8 +162,10 @@ class HttpVictim:
                  num_classes: int, model_name: str | None = None, timeout_s: float = 30.0,
                  max_retries: int = 3, rate_limit_per_s: float | None = None,
                  auth_env: str | None = None, backoff_s: float = 0.25,
-                 input_name: str = "input", session=None) -> None:
+                 input_name: str = "input", session=None,
+                 retry_after_max_s: float = MAX_RETRY_AFTER_S) -> None:
         import requests
+        from requests.adapters import HTTPAdapter
 
         if protocol not in ("mlflow", "v2"):
             raise ValueError(f"protocol must be 'mlflow' or 'v2', got {protocol!r}.")
@@ -92,8 +174,9 @@ class HttpVictim:
         if not endpoint.startswith(("http://", "https://")):
             raise ValueError(f"victim.endpoint must be an http(s):// URL, got "
                              f"{safe_url(endpoint)!r}.")
-        if timeout_s <= 0 or max_retries < 0 or backoff_s < 0:
-            raise ValueError("timeout_s must be > 0, max_retries and backoff_s >= 0.")
+        if timeout_s <= 0 or max_retries < 0 or backoff_s < 0 or retry_after_max_s < 0:
+            raise ValueError("timeout_s must be > 0; max_retries, backoff_s and "
+                             "retry_after_max_s >= 0.")
         self.protocol, self.output, self.num_classes = protocol, output, num_classes
         self.timeout_s, self.max_retries, self.backoff_s = timeout_s, max_retries, backoff_s
         self.input_name = input_name
@@ -101,6 +184,17 @@ class HttpVictim:
         self.name = f"{protocol}:{safe_url(self.url)}"
         self.bucket = TokenBucket(rate_limit_per_s) if rate_limit_per_s else None
         self.session = session or requests.Session()
+        # urllib3 retries inside session.post. raise_on_status=False: when the retries are
+        # spent on a retryable status, the last response comes back and _post names it.
+        # A session passed in gets these adapters too: max_retries is part of this contract.
+        retry = VictimRetry(total=max_retries, allowed_methods=frozenset({"POST"}),
+                            status_forcelist=RETRY_STATUS, backoff_factor=backoff_s,
+                            raise_on_status=False, respect_retry_after_header=True,
+                            before_retry=self._before_retry,
+                            retry_after_max_s=retry_after_max_s)
+        adapter = HTTPAdapter(max_retries=retry)
+        self.session.mount("http://", adapter)
+        self.session.mount("https://", adapter)
         self._headers = {"Content-Type": "application/json"}
         # Credentials in the URL (user:password@) are secrets too, though never printed.
         self._secrets: tuple[str, ...] = tuple(
@@ -198,42 +292,53 @@ class HttpVictim:
             raise InvalidAnswer(f"v2 output has {data.size} values for shape {shape}.")
         return data.reshape(shape)
 
+    def _before_retry(self, retry: Retry) -> None:
+        """Called by VictimRetry after its wait, before each retry: log it, rate-limit it."""
+        log.warning("victim %s: %s (attempt %d/%d); retrying", self.name,
+                    self._clean(_failure(retry.history[-1])), len(retry.history),
+                    self.max_retries + 1)
+        if self.bucket is not None:
+            self.bucket.acquire()
+        self.requests_sent += 1
+
     def _post(self, payload: dict) -> object:
         import requests
 
-        last = "no attempt"
-        for attempt in range(self.max_retries + 1):
-            if attempt:
-                # Exponential backoff with jitter, so retrying clients do not stampede.
-                time.sleep(self.backoff_s * (2 ** (attempt - 1)) * (0.5 + random.random()))
-            if self.bucket is not None:
-                self.bucket.acquire()
-            self.requests_sent += 1
-            try:
-                resp = self.session.post(self.url, json=payload, headers=self._headers,
-                                         timeout=self.timeout_s)
-            except (requests.Timeout, requests.ConnectionError) as exc:
-                last = f"{type(exc).__name__}"  # the name only: its message holds the URL
-                log.warning("victim %s: %s (attempt %d/%d)", self.name, last, attempt + 1,
-                            self.max_retries + 1)
-                continue
-            if resp.status_code in RETRY_STATUS:
-                last = f"HTTP {resp.status_code}"
-                log.warning("victim %s: %s (attempt %d/%d)", self.name, last, attempt + 1,
-                            self.max_retries + 1)
-                continue
-            if resp.status_code in (401, 403):
-                raise HttpVictimError(f"victim {self.name} refused the credentials (HTTP "
-                                      f"{resp.status_code}); check the token in victim.auth_env.")
-            if resp.status_code >= 400:
-                # Redacted before it is cut: an error page may echo the request's headers.
-                raise HttpVictimError(f"victim {self.name} answered HTTP {resp.status_code}: "
-                                      f"{self._clean(resp.text, 300)}")
-            try:
-                return resp.json()
-            except ValueError:  # its .doc is the whole answer: not kept as __context__
-                pass
-            raise InvalidAnswer(f"victim {self.name} answered non-JSON: "
-                                f"{repr(self._clean(resp.text))[:100]}")
-        raise HttpVictimError(f"victim {self.name} failed {self.max_retries + 1} times "
-                              f"(last: {self._clean(last)}).")
+        if self.bucket is not None:
+            self.bucket.acquire()
+        self.requests_sent += 1
+        tries = self.max_retries + 1
+        failure = None
+        try:
+            resp = self.session.post(self.url, json=payload, headers=self._headers,
+                                     timeout=self.timeout_s)
+        except (requests.ConnectionError, requests.Timeout,
+                requests.exceptions.ChunkedEncodingError) as exc:
+            # Names only: the messages hold the URL. Raised below, outside the except, so
+            # the exception does not ride along as __context__.
+            inner = exc.args[0] if exc.args else None
+            if isinstance(inner, MaxRetryError):  # urllib3 spent the retries
+                failure = f"failed {tries} times (last: {type(inner.reason).__name__})"
+            else:
+                # urllib3 retries up to the response headers; a body cut off after them
+                # surfaces here, unretried (its ids stay charged in the teacher service's
+                # ledger, and buying them again resends them at no charge).
+                failure = f"failed: {type(inner or exc).__name__} ({type(exc).__name__})"
+        if failure is not None:
+            raise HttpVictimError(f"victim {self.name} {self._clean(failure)}.")
+        if resp.status_code in RETRY_STATUS:  # the retries are spent (raise_on_status=False)
+            raise HttpVictimError(f"victim {self.name} failed {tries} times (last: HTTP "
+                                  f"{resp.status_code}).")
+        if resp.status_code in (401, 403):
+            raise HttpVictimError(f"victim {self.name} refused the credentials (HTTP "
+                                  f"{resp.status_code}); check the token in victim.auth_env.")
+        if resp.status_code >= 400:
+            # Redacted before it is cut: an error page may echo the request's headers.
+            raise HttpVictimError(f"victim {self.name} answered HTTP {resp.status_code}: "
+                                  f"{self._clean(resp.text, 300)}")
+        try:
+            return resp.json()
+        except ValueError:  # its .doc is the whole answer: not kept as __context__
+            pass
+        raise InvalidAnswer(f"victim {self.name} answered non-JSON: "
+                            f"{repr(self._clean(resp.text))[:100]}")
