@@ -63,8 +63,8 @@ def run_train(args: argparse.Namespace) -> int:
 def run_generate(args: argparse.Namespace) -> int:
     import mlflow
 
-    from aspkd_ray.generation import ensure_generator, generate_proxy_at
-    from aspkd_ray.generation.ray_generate import check_generator
+    from aspkd_ray.generation import generate_proxy_at
+    from aspkd_ray.generation.registry import check_generator, prepare_generator
     from aspkd_ray.layout import run_layout
     from aspkd_ray.runtime import connect
     from aspkd_ray.tracking import mlflow_run
@@ -72,8 +72,7 @@ def run_generate(args: argparse.Namespace) -> int:
     cfg = load_config(args)
     proxy = run_layout(cfg).proxy
     check_generator(cfg)  # a bad plugin fails here, before Ray starts
-    if cfg.generator.kind == "ddpm":
-        ensure_generator(cfg)
+    prepare_generator(cfg)  # e.g. trains the embedded DDPM if it is not there yet
     connect(cfg.ray.address, cfg.ray.namespace)
     with mlflow_run(cfg, "generate", tags={"stage": "generate"}) as run:
         manifest = generate_proxy_at(cfg, proxy)

@@ -63,8 +63,9 @@ class VictimConfig:
     checkpoint: str | None = _f(None, doc="victim weights; None = <cache_dir>/<dataset>/victim")
     output: str = _f("soft", choices=("soft", "hard"), doc="what the black box returns")
     endpoint: str | None = _f(None, doc="HTTP URL of a served victim instead of a checkpoint")
-    protocol: str = _f("mlflow", choices=("mlflow", "v2"),
-                       doc="HTTP protocol: MLflow scoring or Open Inference Protocol v2")
+    protocol: str = _f("mlflow", doc="a registered HTTP protocol (teacher/http_victim.py): "
+                                     "mlflow (MLflow scoring), v2 (Open Inference Protocol "
+                                     "v2), or any other registered one")
     model_name: str | None = _f(None, doc="model name for the v2 protocol")
     timeout_s: float = _f(30.0, gt=0.0)
     max_retries: int = _f(3, min=0)
@@ -89,9 +90,10 @@ class GeneratorTrainingConfig:
 
 @dataclass
 class GeneratorConfig:
-    kind: str = _f("ddpm", choices=("ddpm", "diffusers", "plugin"),
-                   doc="ddpm: small class-conditional model trained here; diffusers: any "
-                       "text-to-image pipeline by hub id or path; plugin: module:callable")
+    kind: str = _f("ddpm", doc="a registered generator kind (generation/registry.py): ddpm "
+                               "(small class-conditional model trained here), diffusers (any "
+                               "text-to-image pipeline by hub id or path), plugin "
+                               "(module:callable), or any other registered kind")
     model: str | None = _f(None, doc="hub id or local path; None for ddpm = "
                                      "<cache_dir>/<dataset>/generator")
     plugin: str | None = _f(None, doc="'package.module:factory' for kind=plugin")

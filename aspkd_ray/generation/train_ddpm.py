@@ -39,6 +39,7 @@ from aspkd_ray.generation.ddpm import (
     read_info,
     train_scheduler,
 )
+from aspkd_ray.generation.registry import Generator, GeneratorKind, register_generator
 from aspkd_ray.storage import atomic_file
 
 log = logging.getLogger(__name__)
@@ -286,6 +287,51 @@ def ensure_generator(cfg: Config) -> Path:
     return train_generator(cfg)
 
 
-__all__ = ["GENERATOR_SEED", "TrainingStateError", "ensure_generator", "generator_dir",
-           "generator_location",
-           "load_training_state", "read_info", "train_generator"]
+@register_generator("ddpm")
+class DDPMKind(GeneratorKind):
+    """generator.kind=ddpm: the embedded class-conditional DDPM, trained here when missing."""
+
+    # ~1 M parameters at 16 x 16: several single-threaded actors beat one multi-threaded one.
+    one_actor_per_cpu = True
+
+    def prepare(self, cfg: Config) -> None:
+        ensure_generator(cfg)
+
+    def resolve(self, cfg: Config) -> Config:
+        from dataclasses import replace
+
+        from aspkd_ray.generation.ray_generate import GeneratorMissing
+
+        # A URI stays a URI: each actor, on whatever node, downloads its own copy.
+        folder = generator_location(cfg)
+        if not storage.is_uri(folder):
+            folder = str(Path(folder).resolve())
+        if not is_ready(folder):
+            raise GeneratorMissing(f"no trained generator at {folder}; run `aspkd "
+                                   f"train-generator` with this config first.")
+        return replace(cfg, generator=replace(cfg.generator, model=folder))
+
+    def identity(self, cfg: Config) -> str:
+        # The folder's base name (keyed by the training settings), the same for a local
+        # cache and its mirror of a URI.
+        return generator_dir(cfg).name
+
+    def build(self, cfg: Config, class_names: tuple[str, ...],
+              device: str | None = None) -> Generator:
+        from aspkd_ray.generation.ddpm import DDPMGenerator
+        from aspkd_ray.generation.text2image import DTYPES
+
+        g = cfg.generator
+        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        dtype = DTYPES[g.dtype] if dev.type == "cuda" else torch.float32
+        gen = DDPMGenerator(generator_dir(cfg), scheduler=g.scheduler, steps=g.steps,
+                            device=str(dev), dtype=dtype)
+        if gen.num_classes != len(class_names):
+            raise ValueError(f"the generator at {generator_dir(cfg)} has {gen.num_classes} "
+                             f"classes; the data set has {len(class_names)}.")
+        return gen
+
+
+__all__ = ["GENERATOR_SEED", "DDPMKind", "TrainingStateError", "ensure_generator",
+           "generator_dir", "generator_location", "load_training_state", "read_info",
+           "train_generator"]

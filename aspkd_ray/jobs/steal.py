@@ -186,7 +186,7 @@ def preflight(cfg: Config, *, train_victim: bool = False,
     """Every check that needs no Ray and no model, before anything is generated, trained or
     charged: budget against the pool, the victim (checkpoint or endpoint), the generator
     plugin, an existing ledger. Raises a UserError (one line on the command line)."""
-    from aspkd_ray.generation.ray_generate import check_generator
+    from aspkd_ray.generation.registry import check_generator
     from aspkd_ray.generation.store import check_files
     from aspkd_ray.teacher.preflight import check_endpoint
 
@@ -209,13 +209,12 @@ def preflight(cfg: Config, *, train_victim: bool = False,
 def ensure_proxy(cfg: Config) -> str:
     """The proxy set's location (run_layout(cfg).proxy): generated (or resumed) unless a
     complete one is there."""
-    from aspkd_ray.generation import ensure_generator
     from aspkd_ray.generation.ray_generate import generate_proxy_at
+    from aspkd_ray.generation.registry import prepare_generator
 
     proxy = run_layout(cfg).proxy
     if not _proxy_complete(proxy):
-        if cfg.generator.kind == "ddpm":
-            ensure_generator(cfg)
+        prepare_generator(cfg)  # the kind's own first step (ddpm: train it if missing)
         generate_proxy_at(cfg, proxy)
     return proxy
 
