@@ -36,10 +36,15 @@ def test_forward_split_shapes(name, size, chans, latent, dim):
         f = model.forward_features(x)
         logits = model.forward_head(f)
         e = model.embed(x)
-        full = model(x)
+        alone_logits, alone_embed = model(x[1:]), model.embed(x[1:])
     assert tuple(f.shape[1:]) == latent
     assert logits.shape == (2, 7) and e.shape == (2, dim)
-    torch.testing.assert_close(full, logits)
+    # Each image's latent and logits depend on that image alone (eval mode: no batch
+    # statistics, no dropout), and tell different images apart: what active selection and
+    # the kNN pseudo-labels need from S̄.
+    torch.testing.assert_close(alone_logits, logits[1:], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(alone_embed, e[1:], rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(e[0], e[1]) and not torch.allclose(logits[0], logits[1])
 
 
 def test_half_alexnet_is_half_of_alexnet():

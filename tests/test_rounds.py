@@ -128,32 +128,119 @@ def test_vanilla_and_prompt_only_switches(pool, monkeypatch):
     assert teacher.calls == 0 and len(state.bought_idx) == 0
 
 
-def test_resume_continues_where_it_stopped(pool):
+class _Stop(Exception):
+    pass
+
+
+class _EmbedSpy:
+    """The pool, recording the latents of every `embed` (selection, then pseudo-labels)."""
+
+    def __init__(self, pool):
+        self.pool, self.latents = pool, []
+
+    def __getattr__(self, name):
+        return getattr(self.pool, name)
+
+    def embed(self, model):
+        out = self.pool.embed(model)
+        self.latents.append(out)
+        return out
+
+
+def _round_picks(state):
+    """What each round decided: bought indices and labels, pseudo-labelled ids and classes."""
+    picks, start = [], 0
+    for row, pseudo in zip(state.history, state.pseudo, strict=True):
+        end = row["bought"]
+        picks.append({"round": row["round"], "bought_idx": state.bought_idx[start:end],
+                      "bought_labels": state.bought_labels[start:end],
+                      "pseudo_idx": pseudo["idx"], "pseudo_classes": pseudo["classes"]})
+        start = end
+    return picks
+
+
+def _assert_same_picks(got, want):
+    assert [p["round"] for p in got] == [p["round"] for p in want]
+    for g, w in zip(got, want, strict=True):
+        for key in ("bought_idx", "bought_labels", "pseudo_idx", "pseudo_classes"):
+            np.testing.assert_array_equal(g[key], w[key], err_msg=f"round {g['round']} {key}")
+
+
+@pytest.fixture(scope="module")
+def runs(pool, tmp_path_factory):
+    """One uninterrupted run, and runs stopped after round k (1, 2) then resumed from the
+    round checkpoint as the Ray layer resumes (train/attack.py): state and weights saved
+    with train/state_io.py after every round, read back, and loaded into a fresh student
+    made like `attack._make_student` (seeded init, then the saved weights)."""
+    from aspkd_ray.train.state_io import load_state, load_weights_file, save_state, save_weights
+
     p, truth = pool
-    full = run_rounds(_student(), p, _settings(), FakeTeacher(truth, "soft"))
-    saved = {}
+    full_pool = _EmbedSpy(p)
+    full = run_rounds(_student(), full_pool, _settings(), FakeTeacher(truth, "soft"))
+    assert len(full_pool.latents) == 6  # per round: selection, then pseudo-labels
+    resumed = {}
+    for stop_after in (1, 2):
+        root = tmp_path_factory.mktemp(f"stop-after-{stop_after}")
 
-    class Stop(Exception):
-        pass
+        def save_then_stop(state, model, root=root, stop_after=stop_after):
+            folder = root / f"round-{state.round}"
+            folder.mkdir()
+            save_weights(model, folder)
+            save_state(state, folder)
+            if state.round == stop_after:
+                raise _Stop
 
-    def stop_after_first(state, model):
-        import copy
+        first = FakeTeacher(truth, "soft")
+        with pytest.raises(_Stop):
+            run_rounds(_student(), p, _settings(), first, on_round=save_then_stop)
+        assert len(first.asked) == stop_after  # it really stopped after round k
 
-        saved["state"] = copy.deepcopy(state)
-        saved["weights"] = copy.deepcopy(model.state_dict())
-        raise Stop
+        checkpoint = root / f"round-{stop_after}"
+        state = load_state(checkpoint)
+        assert state.round == stop_after
+        student = _student()
+        student.load_state_dict(load_weights_file(checkpoint))
+        teacher, spy = FakeTeacher(truth, "soft"), _EmbedSpy(p)
+        resumed[stop_after] = (run_rounds(student, spy, _settings(), teacher, state=state),
+                               teacher, spy.latents)
+    return (full, full_pool.latents), resumed
 
-    with pytest.raises(Stop):
-        run_rounds(_student(), p, _settings(), FakeTeacher(truth, "soft"),
-                   on_round=stop_after_first)
-    student = _student()
-    student.load_state_dict(saved["weights"])
-    teacher = FakeTeacher(truth, "soft")
-    resumed = run_rounds(student, p, _settings(), teacher, state=saved["state"])
-    assert teacher.calls == 27  # rounds 2 and 3 only
-    np.testing.assert_array_equal(np.sort(resumed.bought_idx[:13]),
-                                  np.sort(full.bought_idx[:13]))
-    assert resumed.round == 3 and len(resumed.bought_idx) == 40
+
+@pytest.mark.parametrize("stop_after", [1, 2])
+def test_resume_buys_only_later_rounds_and_their_first_picks_match(runs, stop_after):
+    (full, full_latents), resumed = runs
+    state, teacher, latents = resumed[stop_after]
+    want = _round_picks(full)
+    # the resumed student is the full run's student after round k: the same latents for
+    # round k+1's selection, bit for bit
+    np.testing.assert_array_equal(latents[0], full_latents[2 * stop_after])
+    assert len(want) == 3 and state.round == 3 and len(state.bought_idx) == 40
+    # the finished rounds come back from the checkpoint unchanged
+    _assert_same_picks(_round_picks(state)[:stop_after], want[:stop_after])
+    # only the later rounds are bought, and the first of them buys what the full run bought
+    # (its selection depends on the checkpoint's weights and the (seed, round) rng only)
+    assert [len(a) for a in teacher.asked] == [13, 13, 14][stop_after:]
+    np.testing.assert_array_equal(teacher.asked[0], want[stop_after]["bought_idx"])
+    got = _round_picks(state)[stop_after]
+    for key in ("bought_idx", "bought_labels"):
+        np.testing.assert_array_equal(got[key], want[stop_after][key])
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
+    "product bug: DigitsCNN's dropout draws from the global torch RNG, which distill.fit "
+    "never seeds; a resumed run re-seeds it at student creation (attack._make_student) "
+    "where the uninterrupted run continues it, so round k+1's training, pseudo-labels and "
+    "later picks differ. Remove this mark once each fit seeds the global RNG from its seed "
+    "(or the round checkpoint carries the RNG state)."))
+@pytest.mark.parametrize("stop_after", [1, 2])
+def test_resume_after_an_interruption_picks_what_an_uninterrupted_run_picks(runs, stop_after):
+    (full, _), resumed = runs
+    state, teacher, _ = resumed[stop_after]
+    want = _round_picks(full)
+    # every later round: bought indices and labels, pseudo-label ids and classes
+    _assert_same_picks(_round_picks(state)[stop_after:], want[stop_after:])
+    for asked, w in zip(teacher.asked, want[stop_after:], strict=True):
+        np.testing.assert_array_equal(asked, w["bought_idx"])
 
 
 def test_pretrain_fits_generation_classes_before_round_one_and_only_once(pool, monkeypatch):

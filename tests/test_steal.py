@@ -2,12 +2,14 @@
 resume. The proxy generator is a plugin serving real digits (the real plugin code path), so
 the test needs no trained diffusion model."""
 
+import hashlib
 import json
 import sqlite3
 import textwrap
 
 import numpy as np
 import pytest
+import torch
 
 from aspkd_ray.config import from_dict
 
@@ -61,23 +63,137 @@ def _summary_checks(summary, out, budget):
     assert n == 1 and {"agreement", "calls_used", "agreement_final"} <= metrics
 
 
-@pytest.mark.timeout(600)
-def test_steal_soft_end_to_end_and_resume(ray_session, base):
-    from aspkd_ray.jobs.steal import run_steal
+def _round_checkpoints(out) -> dict[str, dict[str, tuple[int, str]]]:
+    """Ray Train's round checkpoints of a run: folder name -> {file: (mtime_ns, sha256)}."""
+    root = out / "ray_train" / "attack"
+    found = {}
+    for folder in sorted(root.glob("checkpoint_*")):
+        if not folder.is_dir():  # checkpoint_manager_snapshot.json: Ray Train's index
+            continue
+        found[folder.name] = {str(f.relative_to(folder)): (
+            f.stat().st_mtime_ns, hashlib.sha256(f.read_bytes()).hexdigest())
+            for f in sorted(folder.rglob("*")) if f.is_file()}
+    return found
+
+
+def _states(out) -> dict[int, tuple]:
+    """round number -> (attack state, student weights) of every round checkpoint."""
+    from aspkd_ray.train.attack import load_round_checkpoint
+
+    states = {}
+    for folder in (out / "ray_train" / "attack").glob("checkpoint_*"):
+        if not folder.is_dir():
+            continue
+        state, weights = load_round_checkpoint(folder)
+        states[state.round] = (state, weights)
+    return states
+
+
+def _spent(out) -> int:
     from aspkd_ray.teacher import Ledger
+
+    return Ledger(str(out / "ledger"), create=False).status()["spent"]
+
+
+@pytest.fixture(scope="module")
+def soft(ray_session, base):
+    """The soft attack run once, then rerun on its finished folder."""
+    from aspkd_ray.jobs.steal import run_steal
 
     root, sets = base
     out = root / "soft"
     cfg = from_dict({}, sets + [f"output_dir={out}", "ray.teacher_service=t-steal-soft"])
     summary = run_steal(cfg)
-    _summary_checks(summary, out, 20)
-    ledger = Ledger(str(out / "ledger"), create=False)
-    assert ledger.status()["spent"] == 20
-
-    # Rerunning on the same folder resumes the finished attack: no new calls, same result.
+    first = _round_checkpoints(out), _spent(out)
     again = run_steal(cfg)
-    assert Ledger(str(out / "ledger"), create=False).status()["spent"] == 20
-    assert again["agreement"] == summary["agreement"]
+    return out, summary, first, again
+
+
+@pytest.mark.timeout(600)
+def test_steal_soft_end_to_end(soft):
+    out, summary, (checkpoints, spent), _ = soft
+    _summary_checks(summary, out, 20)
+    assert spent == 20
+    assert len(checkpoints) == 2  # one Ray Train checkpoint per round
+    assert sorted(_states(out)) == [1, 2]
+
+
+@pytest.mark.timeout(600)
+def test_rerun_of_a_finished_attack_recomputes_no_round(soft):
+    """Rerunning on the same folder resumes the finished attack: no round runs again (Ray
+    Train gains no checkpoint, the round checkpoints' files are untouched), no new calls,
+    and the summary's rounds are the stored ones."""
+    out, summary, (checkpoints, spent), again = soft
+    assert _round_checkpoints(out) == checkpoints  # same folders, same files, same mtimes
+    assert _spent(out) == spent == 20 and again["calls_used"] == 20
+    # per-round metrics as reported by the rounds of the first run (round_time_s and the
+    # student's weights digest included), and the same evaluation of those students
+    for key in ("rounds", "agreement_by_round", "pseudo_label_agreement_by_round"):
+        assert json.dumps(again[key], sort_keys=True) == json.dumps(summary[key],
+                                                                    sort_keys=True), key
+
+
+@pytest.fixture(scope="module")
+def interrupted(soft, base):
+    """The soft attack, on the same proxy set, stopped after round 1 (a trial cap of 10
+    calls refuses round 2's purchase: BudgetExhausted), then rerun without the cap."""
+    from aspkd_ray.jobs.steal import run_steal
+    from aspkd_ray.teacher import BudgetExhausted
+
+    root, sets = base
+    out = root / "interrupted"
+    sets = sets + [f"output_dir={out}", f"proxy.dir={soft[0] / 'proxy'}",
+                   "ray.teacher_service=t-steal-interrupted"]
+    with pytest.raises(BudgetExhausted, match="trial cap exhausted"):
+        run_steal(from_dict({}, sets + ["budget.per_trial=10"]), trial="capped")
+    stopped = _round_checkpoints(out), _spent(out), _states(out)
+    # the same service (it outlives the failed run) and ledger, without the cap
+    resumed = run_steal(from_dict({}, sets))
+    return out, stopped, resumed
+
+
+@pytest.mark.timeout(900)
+def test_resume_after_an_interruption_continues_from_the_round_checkpoint(soft, interrupted):
+    full_out, full = soft[0], soft[1]
+    out, (checkpoints, spent, states), summary = interrupted
+    # it stopped after round 1, with round 1 bought and checkpointed
+    assert spent == 10 and sorted(states) == [1] and len(checkpoints) == 1
+    # the rerun ran round 2 only: round 1's checkpoint is untouched, one more was added,
+    # and only round 2's 10 labels were bought
+    after = _round_checkpoints(out)
+    assert len(after) == 2 and {k: after[k] for k in checkpoints} == checkpoints
+    assert _spent(out) == 20 and summary["calls_used"] == 20
+    resumed, _ = _states(out)[2]
+    round1, _ = states[1]
+    np.testing.assert_array_equal(resumed.bought_idx[:10], round1.bought_idx)
+    np.testing.assert_array_equal(resumed.bought_labels[:10], round1.bought_labels)
+    assert resumed.history[0] == round1.history[0] and resumed.pseudo[0]["idx"].tolist() == \
+        round1.pseudo[0]["idx"].tolist()
+    # the same picks as the uninterrupted attack: round 1's, and round 2's (selected with
+    # the checkpoint's student and the (seed, round) rng). This needs round 1 to train the
+    # same student in both runs, as it does on CPUs:
+    (_, got_weights), (_, full_weights) = states[1], _states(full_out)[1]
+    assert all(torch.equal(got_weights[k], v) for k, v in full_weights.items()), \
+        "round 1 trained another student than the uninterrupted run (not reproducible here?)"
+    want, _ = _states(full_out)[2]
+    np.testing.assert_array_equal(resumed.bought_idx, want.bought_idx)
+    np.testing.assert_array_equal(resumed.bought_labels, want.bought_labels)
+    assert summary["agreement_by_round"][0] == full["agreement_by_round"][0]
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
+    "product bug: dropout draws from the global torch RNG, which distill.fit never seeds; "
+    "attack._make_student re-seeds it on resume where an uninterrupted worker continues it, "
+    "so the resumed round 2 trains with other dropout masks (see test_rounds.py)"))
+@pytest.mark.timeout(900)
+def test_resumed_attack_ends_with_the_uninterrupted_student(soft, interrupted):
+    full_out, full = soft[0], soft[1]
+    out, _, summary = interrupted
+    (resumed, weights), (want, want_weights) = _states(out)[2], _states(full_out)[2]
+    np.testing.assert_array_equal(resumed.pseudo[1]["idx"], want.pseudo[1]["idx"])
+    for name, tensor in want_weights.items():
+        assert torch.equal(weights[name], tensor), name
+    assert summary["agreement_by_round"] == full["agreement_by_round"]
 
 
 @pytest.mark.timeout(600)
