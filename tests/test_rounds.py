@@ -226,12 +226,6 @@ def test_resume_buys_only_later_rounds_and_their_first_picks_match(runs, stop_af
         np.testing.assert_array_equal(got[key], want[stop_after][key])
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "product bug: DigitsCNN's dropout draws from the global torch RNG, which distill.fit "
-    "never seeds; a resumed run re-seeds it at student creation (attack._make_student) "
-    "where the uninterrupted run continues it, so round k+1's training, pseudo-labels and "
-    "later picks differ. Remove this mark once each fit seeds the global RNG from its seed "
-    "(or the round checkpoint carries the RNG state)."))
 @pytest.mark.parametrize("stop_after", [1, 2])
 def test_resume_after_an_interruption_picks_what_an_uninterrupted_run_picks(runs, stop_after):
     (full, _), resumed = runs

@@ -147,6 +147,7 @@ class AttackState:
     pseudo: list[dict] = field(default_factory=list)  # per round: pool idx and classes
     pretrain: dict | None = None                     # the init step's fit, once done
     bought_val: dict | None = None                   # {idx, labels}: bought validation
+    torch_rng: np.ndarray | None = None              # torch's CPU generator after the round
 
 
 class Comm:
@@ -203,6 +204,10 @@ def run_rounds(student: nn.Module, pool: Pool, s: RoundSettings,
     comm = comm or Comm()
     state = state or AttackState()
     n = len(pool.classes)
+    if state.torch_rng is not None:
+        # Dropout draws from torch's global generator: a resumed run continues it from where
+        # the interrupted one saved it, so its students are those of an uninterrupted run.
+        torch.set_rng_state(torch.as_tensor(state.torch_rng, dtype=torch.uint8))
 
     # 1. a teacher-labelled validation subset (training.early_stopping=bought_val), paid for
     # from the budget like any other label; early stopping then scores agreement with it.
@@ -315,6 +320,7 @@ def run_rounds(student: nn.Module, pool: Pool, s: RoundSettings,
         row["round_time_s"] = round(time.time() - t0, 2)
         state.history.append(row)
         state.round = r + 1
+        state.torch_rng = torch.get_rng_state().numpy()
         log.info("round %d/%d: %s", r + 1, s.rounds, row)
         if on_round:
             on_round(state, student)

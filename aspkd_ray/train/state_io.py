@@ -34,7 +34,7 @@ LEGACY_STATE = "attack_state.pkl"   # pickle: refused, never opened
 FORMAT = "aspkd-attack-state"
 VERSION = 1
 _FIELDS = {"format", "version", "round", "history", "pseudo", "pretrain", "bought_labels"}
-_OPTIONAL = {"bought_val"}  # written since the bought validation subset moved into the loop
+_OPTIONAL = {"bought_val", "torch_rng"}  # fields added since version 1 was first written
 _ARRAY = "$array"
 
 
@@ -103,6 +103,7 @@ def save_state(state: AttackState, folder: str | Path) -> None:
         "bought_labels": (None if state.bought_labels is None else
                           _encode(np.asarray(state.bought_labels), arrays, "bought_labels")),
         "bought_val": _encode(state.bought_val, arrays, "bought_val"),
+        "torch_rng": _encode(state.torch_rng, arrays, "torch_rng"),
     }
     # The arrays first, then the JSON that refers to them: a state whose JSON is there is
     # whole.
@@ -181,11 +182,16 @@ def _state_from(doc: dict, arrays: dict[str, np.ndarray]) -> AttackState:
             or len(bought_val["idx"]) != len(bought_val["labels"])):
         raise ValueError("bought_val must be null or {idx, labels}: two 1-D arrays of one "
                          "length")
+    torch_rng = _decode(doc.get("torch_rng"), arrays, used, "torch_rng")
+    if torch_rng is not None and (not isinstance(torch_rng, np.ndarray)
+                                  or torch_rng.dtype != np.uint8 or torch_rng.ndim != 1):
+        raise ValueError("torch_rng must be null or a 1-D uint8 array")
     extra = set(arrays) - used
     if extra:
         raise ValueError(f"unreferenced arrays {sorted(extra)}")
     return AttackState(round=rnd, bought_idx=idx, bought_labels=labels, history=history,
-                       pseudo=pseudo, pretrain=pretrain, bought_val=bought_val)
+                       pseudo=pseudo, pretrain=pretrain, bought_val=bought_val,
+                       torch_rng=torch_rng)
 
 
 # ---- student weights ---------------------------------------------------------------------
