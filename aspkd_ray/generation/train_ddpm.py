@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from aspkd_ray import cache, storage
-from aspkd_ray.config import Config, config_hash
+from aspkd_ray.config import Config, ConfigError, config_hash
 from aspkd_ray.errors import UserError
 from aspkd_ray.generation.ddpm import (
     BETA_SCHEDULE,
@@ -142,6 +142,13 @@ def load_training_state(path: Path) -> dict:
     return state
 
 
+def check_trainable(cfg: Config) -> None:
+    """Only the embedded class-conditional DDPM is trained here (ConfigError otherwise)."""
+    if cfg.generator.kind != "ddpm":
+        raise ConfigError(f"generator.kind: got {cfg.generator.kind!r}; train-generator trains "
+                          f"the embedded class-conditional DDPM (generator.kind=ddpm) only.")
+
+
 def train_generator(cfg: Config, progress: bool = True, *,
                     max_steps: int | None = None) -> Path:
     """Train (or resume training) the class-conditional DDPM; return its diffusers folder.
@@ -149,9 +156,7 @@ def train_generator(cfg: Config, progress: bool = True, *,
     `max_steps` stops after that many steps in this call (time-sliced or preemptible
     training); the next call resumes from the checkpoint it leaves.
     """
-    if cfg.generator.kind != "ddpm":
-        raise ValueError(f"generator.kind: got {cfg.generator.kind!r}; train-generator trains "
-                         f"the embedded class-conditional DDPM (generator.kind=ddpm) only.")
+    check_trainable(cfg)
     if max_steps is not None and max_steps < 1:
         raise ValueError(f"max_steps: got {max_steps}; expected a positive integer or None.")
     location = generator_location(cfg)
