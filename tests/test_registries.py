@@ -181,7 +181,7 @@ def test_a_registered_kind_is_accepted_and_asked_everything(monkeypatch, tmp_pat
     """One register call adds a kind: config load, checks, preparation, ids and building go
     through it, with no other change anywhere."""
     list_generators()  # built-ins registered before the registry is swapped for a copy
-    monkeypatch.setattr(registry, "_KINDS", dict(registry._KINDS))
+    monkeypatch.setattr(registry.KINDS, "entries", dict(registry.KINDS.entries))
     calls: list[str] = []
 
     @register_generator("noise")
@@ -340,7 +340,7 @@ def test_unknown_protocol_fails_at_config_load_naming_the_key():
 def test_a_registered_protocol_is_accepted_and_spoken(monkeypatch):
     """One register call adds a protocol: config load accepts it, its check runs there, and
     the victim speaks it."""
-    monkeypatch.setattr(http_victim, "_PROTOCOLS", dict(http_victim._PROTOCOLS))
+    monkeypatch.setattr(http_victim.PROTOCOLS, "entries", dict(http_victim.PROTOCOLS.entries))
 
     @register_protocol("scores")
     class ScoresProtocol(Protocol):

@@ -85,7 +85,7 @@ def test_every_round_recomputes_latents_and_pseudo_labels(pool, monkeypatch):
         seen.append((inp.query.copy(), inp.reference.shape[0]))
         return real_rule(inp)
 
-    monkeypatch.setitem(pl_mod._RULES, "paper", spy)
+    monkeypatch.setitem(pl_mod.RULES.entries, "paper", spy)
     state = run_rounds(_student(), p, _settings(), FakeTeacher(truth, "soft"))
     assert [n for _, n in seen] == [13, 26, 40]  # the labelled set grows each round
     # the unlabelled pool's latents change between rounds (the student moved)
@@ -119,7 +119,7 @@ def test_vanilla_and_prompt_only_switches(pool, monkeypatch):
     import aspkd_ray.aspkd.pseudo_labels as pl_mod
 
     called = []
-    monkeypatch.setitem(pl_mod._RULES, "paper", lambda inp: called.append(1) or None)
+    monkeypatch.setitem(pl_mod.RULES.entries, "paper", lambda inp: called.append(1) or None)
     teacher = FakeTeacher(truth, "soft")
     state = run_rounds(_student(), p, _settings(active=False, self_paced=False), teacher)
     assert teacher.calls == 40 and not called and state.pseudo == []
@@ -278,7 +278,7 @@ def _run(pool_fixture, monkeypatch, output):
         return real_rule(inp)
 
     monkeypatch.setattr(rounds_mod, "fit", fit_spy)
-    monkeypatch.setitem(pl_mod._RULES, "paper", knn_spy)
+    monkeypatch.setitem(pl_mod.RULES.entries, "paper", knn_spy)
     teacher = BiasedTeacher(truth, output)
     state = rounds_mod.run_rounds(_student(), p, _settings(output=output,
                                                            prior_correction=True), teacher)

@@ -28,6 +28,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from aspkd_ray.registry import Registry
+
 
 def _prefer_fast_openblas_kernel() -> None:
     """Help the OpenBLAS bundled with faiss-cpu pick the right kernel (before faiss loads it).
@@ -105,26 +107,10 @@ class PseudoLabelInput:
 
 
 Rule = Callable[[PseudoLabelInput], "PseudoLabels"]
-_RULES: dict[str, Rule] = {}
-
-
-def register_pseudo_labels(name: str) -> Callable[[Rule], Rule]:
-    """Register a pseudo-label rule under `name` (`aspkd.pseudo_labels: name`)."""
-    def deco(fn: Rule) -> Rule:
-        _RULES[name] = fn
-        return fn
-    return deco
-
-
-def list_pseudo_label_rules() -> list[str]:
-    return sorted(_RULES)
-
-
-def get_pseudo_label_rule(name: str) -> Rule:
-    if name not in _RULES:
-        raise ValueError(f"aspkd.pseudo_labels: got {name!r}; expected one of: "
-                         f"{', '.join(list_pseudo_label_rules())}.")
-    return _RULES[name]
+RULES: Registry[Rule] = Registry("aspkd.pseudo_labels")
+register_pseudo_labels = RULES.register   # @register_pseudo_labels("name") on a rule
+list_pseudo_label_rules = RULES.names
+get_pseudo_label_rule = RULES.get
 
 
 def knn_pseudo_labels(

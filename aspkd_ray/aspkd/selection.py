@@ -26,6 +26,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from aspkd_ray.registry import Registry
+
 SIGMA_MODES = ("absolute", "median")
 
 
@@ -170,26 +172,10 @@ class SelectionInput:
 
 
 Strategy = Callable[[SelectionInput], SelectionResult]
-_STRATEGIES: dict[str, Strategy] = {}
-
-
-def register_selection(name: str) -> Callable[[Strategy], Strategy]:
-    """Register a selection strategy under `name` (`aspkd.selection: name`)."""
-    def deco(fn: Strategy) -> Strategy:
-        _STRATEGIES[name] = fn
-        return fn
-    return deco
-
-
-def list_selections() -> list[str]:
-    return sorted(_STRATEGIES)
-
-
-def get_selection(name: str) -> Strategy:
-    if name not in _STRATEGIES:
-        raise ValueError(f"aspkd.selection: got {name!r}; expected one of: "
-                         f"{', '.join(list_selections())}.")
-    return _STRATEGIES[name]
+STRATEGIES: Registry[Strategy] = Registry("aspkd.selection")
+register_selection = STRATEGIES.register   # @register_selection("name") on a strategy
+list_selections = STRATEGIES.names
+get_selection = STRATEGIES.get
 
 
 @register_selection("paper")

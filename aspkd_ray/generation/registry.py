@@ -24,9 +24,10 @@ bring any generator without a new kind: `generator.kind: plugin` (plugin.py).
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from aspkd_ray.registry import Registry
 
 if TYPE_CHECKING:
     from aspkd_ray.config import Config
@@ -68,38 +69,11 @@ class GeneratorKind:
         raise NotImplementedError
 
 
-_KINDS: dict[str, Any] = {}
-_loaded = False
-
-
-def register_generator(name: str) -> Callable[[Any], Any]:
-    """Register a generator kind under `name` (`generator.kind: name`). Decorates a class
-    (instantiated once, without arguments) or an object; returns it unchanged."""
-    def deco(entry: Any) -> Any:
-        _KINDS[name] = entry() if isinstance(entry, type) else entry
-        return entry
-    return deco
-
-
-def _load_builtins() -> None:
-    global _loaded
-    if not _loaded:
-        for module in BUILTIN_MODULES:  # each registers its kind(s) on import
-            importlib.import_module(module)
-        _loaded = True
-
-
-def list_generators() -> list[str]:
-    _load_builtins()
-    return sorted(_KINDS)
-
-
-def get_generator(name: str) -> GeneratorKind:
-    _load_builtins()
-    if name not in _KINDS:
-        raise ValueError(f"generator.kind: got {name!r}; expected one of: "
-                         f"{', '.join(list_generators())}.")
-    return _KINDS[name]
+KINDS: Registry[GeneratorKind] = Registry("generator.kind", instantiate=True,
+                                          builtins=BUILTIN_MODULES)
+register_generator = KINDS.register   # @register_generator("name") on a GeneratorKind class
+list_generators = KINDS.names
+get_generator = KINDS.get
 
 
 def check_generator(cfg: Config) -> None:

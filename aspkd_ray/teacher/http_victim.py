@@ -41,6 +41,7 @@ if TYPE_CHECKING:
 
     from aspkd_ray.config import Config
 
+from aspkd_ray.registry import Registry
 from aspkd_ray.teacher.checks import check_answer
 from aspkd_ray.teacher.errors import InvalidAnswer
 from aspkd_ray.teacher.redact import redact
@@ -199,27 +200,10 @@ class Protocol:
         raise NotImplementedError
 
 
-_PROTOCOLS: dict[str, Protocol] = {}
-
-
-def register_protocol(name: str) -> Callable[[type[Protocol]], type[Protocol]]:
-    """Register a protocol class under `name` (`victim.protocol: name`); instantiated once,
-    without arguments."""
-    def deco(cls: type[Protocol]) -> type[Protocol]:
-        _PROTOCOLS[name] = cls()
-        return cls
-    return deco
-
-
-def list_protocols() -> list[str]:
-    return sorted(_PROTOCOLS)
-
-
-def get_protocol(name: str) -> Protocol:
-    if name not in _PROTOCOLS:
-        raise ValueError(f"victim.protocol: got {name!r}; expected one of: "
-                         f"{', '.join(list_protocols())}.")
-    return _PROTOCOLS[name]
+PROTOCOLS: Registry[Protocol] = Registry("victim.protocol", instantiate=True)
+register_protocol = PROTOCOLS.register   # @register_protocol("name") on a Protocol class
+list_protocols = PROTOCOLS.names
+get_protocol = PROTOCOLS.get
 
 
 def _json_object(body: object) -> dict:
@@ -313,7 +297,7 @@ class HttpVictim:
         import requests
         from requests.adapters import HTTPAdapter
 
-        if protocol not in _PROTOCOLS:
+        if protocol not in PROTOCOLS.entries:
             raise ValueError(f"protocol must be one of {', '.join(list_protocols())}, got "
                              f"{protocol!r}.")
         if output not in ("soft", "hard"):
