@@ -553,10 +553,9 @@ def _actor_key() -> str:
     """This service's identity across Ray restarts (the actor id), for the ledger's lease."""
     import ray
 
-    try:
-        return ray.get_runtime_context().get_actor_id() or f"pid-{os.getpid()}"
-    except Exception:  # noqa: BLE001 - not in a Ray worker (direct use in a test)
+    if not ray.is_initialized():  # direct use, outside Ray (tests)
         return f"pid-{os.getpid()}"
+    return ray.get_runtime_context().get_actor_id() or f"pid-{os.getpid()}"
 
 
 def _lease_options() -> dict:
