@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from aspkd_ray import cache, storage
+from aspkd_ray import cache, console, storage
 from aspkd_ray.config import Config, ConfigError, config_hash
 from aspkd_ray.errors import UserError
 from aspkd_ray.generation.ddpm import (
@@ -208,40 +208,48 @@ def train_generator(cfg: Config, progress: bool = True, *,
     num_train = int(noise_sched.config.num_train_timesteps)
     stop = tcfg.steps if max_steps is None else min(tcfg.steps, step + max_steps)
     window: list[float] = []
-    while step < stop:
-        idx = torch.randint(0, len(x), (tcfg.batch_size,), generator=rng)
-        clean, labels = x[idx].to(device), y[idx].to(device)
-        noise = torch.randn(clean.shape, generator=rng).to(device)
-        t = torch.randint(0, num_train, (len(idx),), generator=rng).to(device)
-        noisy = noise_sched.add_noise(clean, noise, t)
-        for group in opt.param_groups:
-            group["lr"] = tcfg.lr * _lr_factor(step, tcfg.steps)
-        target = noise_sched.get_velocity(clean, noise, t)
-        loss = F.mse_loss(unet(noisy, t, class_labels=labels).sample, target)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        opt.step()
-        decay = min(EMA_DECAY, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for k, v in unet.state_dict().items():
-                if v.dtype.is_floating_point:
-                    ema[k].mul_(decay).add_(v.detach(), alpha=1 - decay)
-                else:
-                    ema[k].copy_(v)
-        step += 1
-        window.append(loss.item())
-        if step % LOG_EVERY == 0 or step == stop:
-            mean = sum(window) / len(window)
-            losses.append([step, mean])
-            window = []
-            if progress:
-                log.info("generator step %d/%d loss %.4f (%.2f s/step)", step, tcfg.steps,
-                         mean, (time.time() - t0) / (step - first))
-            if mlflow is not None:
-                mlflow.log_metric("generator_loss", mean, step=step)
-        if step % tcfg.checkpoint_every == 0 and step < tcfg.steps:
-            checkpoint()
+    # the longest cold stage: a bar on the console (the log keeps the loss lines)
+    bar = console.progress("generator", tcfg.steps, "steps", initial=step) if progress else None
+    try:
+        while step < stop:
+            idx = torch.randint(0, len(x), (tcfg.batch_size,), generator=rng)
+            clean, labels = x[idx].to(device), y[idx].to(device)
+            noise = torch.randn(clean.shape, generator=rng).to(device)
+            t = torch.randint(0, num_train, (len(idx),), generator=rng).to(device)
+            noisy = noise_sched.add_noise(clean, noise, t)
+            for group in opt.param_groups:
+                group["lr"] = tcfg.lr * _lr_factor(step, tcfg.steps)
+            target = noise_sched.get_velocity(clean, noise, t)
+            loss = F.mse_loss(unet(noisy, t, class_labels=labels).sample, target)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+            opt.step()
+            decay = min(EMA_DECAY, (1 + step) / (10 + step))
+            with torch.no_grad():
+                for k, v in unet.state_dict().items():
+                    if v.dtype.is_floating_point:
+                        ema[k].mul_(decay).add_(v.detach(), alpha=1 - decay)
+                    else:
+                        ema[k].copy_(v)
+            step += 1
+            if bar:
+                bar.advance()
+            window.append(loss.item())
+            if step % LOG_EVERY == 0 or step == stop:
+                mean = sum(window) / len(window)
+                losses.append([step, mean])
+                window = []
+                if progress:
+                    log.info("generator step %d/%d loss %.4f (%.2f s/step)", step, tcfg.steps,
+                             mean, (time.time() - t0) / (step - first))
+                if mlflow is not None:
+                    mlflow.log_metric("generator_loss", mean, step=step)
+            if step % tcfg.checkpoint_every == 0 and step < tcfg.steps:
+                checkpoint()
+    finally:
+        if bar:
+            bar.close()
 
     if step < tcfg.steps:  # stopped early by max_steps: leave a checkpoint to resume from
         checkpoint()

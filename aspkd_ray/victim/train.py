@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from aspkd_ray import cache, storage
+from aspkd_ray import cache, console, storage
 from aspkd_ray.aspkd.distill import accuracy, fit
 from aspkd_ray.config import Config, TrainingConfig
 from aspkd_ray.datasets import get_spec, load_victim_data, to_tensor
@@ -69,10 +69,13 @@ def train_victim(cfg: Config, progress: bool = True) -> dict:
     model = create_model(cfg.victim.architecture, num_classes=classes, in_chans=chans,
                          image_size=size)
 
+    bar = console.progress("victim", tcfg.max_epochs, "epochs") if progress else None
+
     def on_epoch(row: dict) -> None:
         if progress:
             log.info("victim epoch %d/%d loss %.4f", row["epoch"] + 1, tcfg.max_epochs,
                      row["loss"])
+            bar.advance()
 
     # The victim's own early stopping may use its own held-out data: 10% of its training set.
     g = torch.Generator().manual_seed(cfg.seed)
@@ -80,8 +83,12 @@ def train_victim(cfg: Config, progress: bool = True) -> dict:
     n_val = len(x) // 10 if tcfg.early_stopping != "none" else 0
     val_idx, tr_idx = perm[:n_val], perm[n_val:]
     validate = (lambda m: accuracy(m, x[val_idx], y[val_idx])) if n_val else None
-    result = fit(model, x[tr_idx], y[tr_idx], tcfg, validate=validate,
-                 flip=horizontal_flip(cfg), seed=cfg.seed, on_epoch=on_epoch)
+    try:
+        result = fit(model, x[tr_idx], y[tr_idx], tcfg, validate=validate,
+                     flip=horizontal_flip(cfg), seed=cfg.seed, on_epoch=on_epoch)
+    finally:
+        if bar:
+            bar.close()
     test_acc = accuracy(model, xt, yt)
     location = victim_location(cfg)
     remote = storage.is_uri(location)
