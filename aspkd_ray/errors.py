@@ -15,3 +15,9 @@ class UserError(Exception):
     """
 
     exit_code = 1
+
+
+class UsageError(UserError):
+    """A bad command-line argument (not a config key): one line, exit code 2."""
+
+    exit_code = 2

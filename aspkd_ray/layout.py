@@ -1,4 +1,5 @@
-"""Where everything a run writes lives: one layout, worked out in one place.
+"""Where everything a run writes lives, and the shapes it works with: derived values,
+worked out in one place (the run layout, the victim's folder, the input shape).
 
 Under the storage root (`storage.root`, else the output directory; a local folder, an NFS
 mount, or a pyarrow URI such as `s3://bucket/run`):
@@ -22,6 +23,7 @@ local disk (MLflow's SQLite file while it is open); nothing else is kept only th
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from aspkd_ray import storage
 from aspkd_ray.config import Config
@@ -71,3 +73,48 @@ def run_layout(cfg: Config) -> RunLayout:
         mlflow_db=join(root, "mlflow.db"),
         mlflow_artifacts=join(root, "mlflow-artifacts"),
     )
+
+
+def input_shape(cfg: Config) -> tuple[int, int]:
+    """(image_size, channels) of the victim's input."""
+    from aspkd_ray.datasets import get_spec
+
+    spec = get_spec(cfg.dataset.name)
+    return cfg.dataset.image_size or spec.image_size, cfg.dataset.channels or spec.channels
+
+
+def horizontal_flip(cfg: Config) -> bool:
+    """Whether training augmentation flips images: dataset.horizontal_flip, else the data
+    set's default (never for digits: a flipped 2 is not a 2)."""
+    from aspkd_ray.datasets import get_spec
+
+    if cfg.dataset.horizontal_flip is not None:
+        return cfg.dataset.horizontal_flip
+    return get_spec(cfg.dataset.name).horizontal_flip
+
+
+def victim_checkpoint_dir(cfg: Config) -> Path:
+    """The victim's folder as a local Path (see `victim_location`; a URI has no local Path:
+    read it through `cache.local_copy(victim_location(cfg))`)."""
+    location = victim_location(cfg)
+    if storage.is_uri(location):
+        raise ValueError(f"the victim is at {location}, not in a local folder; read it "
+                         f"through aspkd_ray.cache.local_copy(victim_location(cfg)).")
+    return Path(location)
+
+
+def victim_location(cfg: Config) -> str:
+    """victim.checkpoint, else a cache folder keyed by data set, architecture and settings:
+    a local path or a URI (cache_dir or victim.checkpoint on object storage)."""
+    from aspkd_ray import cache
+    from aspkd_ray.config import config_hash
+    from aspkd_ray.victim.train import victim_training_config
+
+    if cfg.victim.checkpoint:
+        return str(cfg.victim.checkpoint)
+    key = config_hash({"dataset": cfg.dataset.name, "arch": cfg.victim.architecture,
+                       "size": input_shape(cfg), "seed": cfg.seed,
+                       "training": victim_training_config(cfg).__dict__})
+    # digits and digits-xdomain share the victim: the same MNIST split trains it.
+    name = "digits" if cfg.dataset.name == "digits-xdomain" else cfg.dataset.name
+    return cache.join(str(cfg.cache_dir), name, f"victim-{cfg.victim.architecture}-{key[:8]}")

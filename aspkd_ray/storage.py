@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import os
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pyarrow.fs as pafs
 
@@ -51,20 +53,33 @@ def read_bytes(fs: pafs.FileSystem, path: str) -> bytes:
         return f.read()
 
 
+@contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[str]:
+    """A temporary path beside local file `path`, renamed over it when the block ends
+    without an exception (removed otherwise): readers see the old file or the whole new
+    one, never half of it."""
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.{uuid.uuid4().hex[:6]}.tmp"
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 def write_bytes(fs: pafs.FileSystem, path: str, data: bytes, *, sync: bool = False) -> None:
     """Write `path` atomically. `sync`: also survive power loss (fsync the file and folder)."""
     if not is_local(fs):
         with fs.open_output_stream(path) as f:  # an object PUT is atomic
             f.write(data)
         return
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.{uuid.uuid4().hex[:6]}.tmp"
-    with open(tmp, "wb") as f:
+    with atomic_file(path) as tmp, open(tmp, "wb") as f:
         f.write(data)
         if sync:
             f.flush()
             os.fsync(f.fileno())
-    os.replace(tmp, path)
     if sync:
         fd = os.open(os.path.dirname(path), os.O_RDONLY)
         try:

@@ -22,20 +22,20 @@ from pathlib import Path
 from aspkd_ray.config import load
 from aspkd_ray.jobs.demo import proxy_cache_dir
 from aspkd_ray.jobs.steal import ensure_victim, run_steal
-from aspkd_ray.victim.train import victim_checkpoint_dir
+from aspkd_ray.layout import victim_checkpoint_dir
 
 PLAIN = ["student.pretrain=none", "aspkd.prior_correction=false"]
 METHODS = {
     "aspkd": [],                                   # as the scenario's config says
     "aspkd_plain": PLAIN,                          # Algorithm 1 alone: default init, raw answers
     # Knockoff-style: random picks, bought labels only, default init, raw answers
-    "vanilla": ["aspkd.active=false", "aspkd.self_paced=false", *PLAIN],
+    "vanilla": ["aspkd.selection=random", "aspkd.self_paced=false", *PLAIN],
     # the paper's ablation: both switches off, everything else as aspkd's config
-    "vanilla_same_init": ["aspkd.active=false", "aspkd.self_paced=false"],
+    "vanilla_same_init": ["aspkd.selection=random", "aspkd.self_paced=false"],
     "prompt_only": ["aspkd.baseline=prompt_only"],
     # reference, not an attack at this budget: the teacher's labels on the whole train pool
     # (200 per class x 0.85 = 1,700 images), one round, plain distillation
-    "teacher_all": ["budget.total=1700", "aspkd.rounds=1", "aspkd.active=false",
+    "teacher_all": ["budget.total=1700", "aspkd.rounds=1", "aspkd.selection=random",
                     "aspkd.self_paced=false", *PLAIN],
 }
 ROOT = Path(__file__).resolve().parents[1]

@@ -108,8 +108,8 @@ def quality(cfg, proxy_dir: Path, victim_dir: Path) -> dict:
 
     from aspkd_ray.aspkd.distill import predict_logits
     from aspkd_ray.datasets import to_tensor
+    from aspkd_ray.layout import input_shape
     from aspkd_ray.models import load_checkpoint
-    from aspkd_ray.victim.train import input_shape
 
     proxy = load_proxy_set(proxy_dir)
     size, chans = input_shape(cfg)

@@ -27,10 +27,12 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 # Imported before faiss itself: the module picks the OpenBLAS kernel faiss will use.
 from aspkd_ray.aspkd.pseudo_labels import (  # noqa: E402
-    faiss,
     knn_pseudo_labels,
     knn_pseudo_labels_reference,
+    load_faiss,
 )
+
+faiss = load_faiss()
 
 
 def parse_args() -> argparse.Namespace:

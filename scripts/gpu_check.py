@@ -349,7 +349,9 @@ def part_knn(args: argparse.Namespace, scale: Scale, work: Path) -> dict:
     import torch
 
     # The product's module first: it picks the BLAS kernel faiss uses.
-    from aspkd_ray.aspkd.pseudo_labels import faiss, knn_pseudo_labels
+    from aspkd_ray.aspkd.pseudo_labels import knn_pseudo_labels, load_faiss
+
+    faiss = load_faiss()
 
     rng = np.random.default_rng(0)
     ref = rng.standard_normal((scale.knn_reference, scale.knn_dim), dtype=np.float32)

@@ -35,8 +35,8 @@ def s3_victim(s3_server, tmp_path_factory):
     """A tiny digits victim trained into a bucket, and the same one trained locally."""
     import boto3
 
+    from aspkd_ray.layout import victim_location
     from aspkd_ray.victim import train_victim
-    from aspkd_ray.victim.train import victim_location
 
     bucket = "aspkd-cache-victim"
     boto3.client("s3").create_bucket(Bucket=bucket)

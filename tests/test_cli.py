@@ -110,10 +110,6 @@ def test_train_generator_reuses_a_trained_generator(capsys, tmp_path):
     assert {p: p.stat().st_mtime_ns for p in gen.rglob("*")} == before  # not trained again
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError, reason=(
-    "product bug: train_ddpm.train_generator raises a plain ValueError for "
-    "generator.kind != ddpm (a traceback, exit 1), after cli/generation.run_train has "
-    "created the MLflow database; expected a ConfigError (exit 2, one line) before MLflow"))
 def test_train_generator_refuses_a_generator_it_cannot_train(capsys, tmp_path):
     plugin = tmp_path / "plugin.py"
     plugin.write_text("def make(config, class_names, device):\n    return None\n")
@@ -142,9 +138,6 @@ def test_show_proxy_without_a_proxy_set_says_to_generate_it(capsys, tmp_path):
     assert not (tmp_path / "proxy_grid.png").exists()
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError, reason=(
-    "product bug: `show-proxy --per-class 0` reaches grid.show_proxy_grid's ValueError (a "
-    "traceback); expected exit 2 with one line naming --per-class (argparse or ConfigError)"))
 def test_show_proxy_refuses_a_non_positive_per_class(capsys, tmp_path):
     rc = main(["-q", "show-proxy", "--output-dir", str(tmp_path), "--per-class", "0"])
     err = capsys.readouterr().err
@@ -157,10 +150,6 @@ def test_serve_victim_refuses_a_bad_port(capsys, tmp_path):
     assert "--port" in line and "70000" in line and "1..65535" in line
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "product inconsistency: cli/serve.py prints its own errors as `aspkd: <message>`, "
-    "without the `aspkd: error:` prefix of every other error (README: errors are one line, "
-    "`aspkd: error: ...`)"))
 @pytest.mark.parametrize("argv, code", [
     (["serve-victim", "--port", "70000"], 2),
     (["serve-victim", "--set", "victim.checkpoint=/nonexistent/victim"], 1),

@@ -34,9 +34,9 @@ def test_sweep_with_a_bad_key_is_rejected(tmp_path):
 
 
 def test_overrides_apply_with_yaml_types():
-    cfg = from_dict({}, ["aspkd.sigma=3", "aspkd.active=false", "budget.total=80",
+    cfg = from_dict({}, ["aspkd.sigma=3", "aspkd.selection=random", "budget.total=80",
                          "generator.templates=['a {class}']"])
-    assert cfg.aspkd.sigma == 3.0 and cfg.aspkd.active is False
+    assert cfg.aspkd.sigma == 3.0 and cfg.aspkd.selection == "random"
     assert cfg.budget.total == 80 and cfg.generator.templates == ["a {class}"]
 
 
@@ -50,6 +50,8 @@ def test_overrides_apply_with_yaml_types():
     ("aspkd.sigma=.inf", "aspkd.sigma"),
     ("training.max_epochs=2.5", "training.max_epochs"),
     ("aspkd.active=maybe", "aspkd.active"),
+    ("aspkd.selection=clever", "aspkd.selection"),
+    ("student.architecture=resnet1", "student.architecture"),
     ("nosuchsection.x=1", "nosuchsection"),
     ("generator.templates=['no placeholder']", "generator.templates[0]"),
     ("budget.calls_per_class=-3", "budget.calls_per_class"),
@@ -102,3 +104,83 @@ def test_relative_paths_become_absolute(tmp_path, monkeypatch):
     assert cfg.budget.ledger == str(tmp_path / "led")
     assert cfg.generator.model == "some-org/some-model"  # a hub id stays as it is
     assert from_dict({}, ["budget.ledger=s3://b/l"]).budget.ledger == "s3://b/l"
+
+
+@pytest.mark.parametrize("active, selection", [(True, "paper"), (False, "random")])
+def test_deprecated_active_maps_to_a_selection_strategy(active, selection, caplog):
+    cfg = from_dict({}, [f"aspkd.active={str(active).lower()}"])
+    assert cfg.aspkd.selection == selection and cfg.aspkd.active is None
+    assert "deprecated" in caplog.text
+
+
+def test_active_contradicting_selection_is_refused():
+    with pytest.raises(ConfigError, match="aspkd.active"):
+        from_dict({}, ["aspkd.active=true", "aspkd.selection=random"])
+
+
+def test_every_registered_selection_strategy_honours_its_contract():
+    """Each strategy picks exactly the quota, among the candidates, the same per class as
+    far as the classes allow, and the same picks for the same seed."""
+    import numpy as np
+
+    from aspkd_ray.aspkd.selection import SelectionInput, get_selection, list_selections
+
+    rng = np.random.default_rng(0)
+    latents, classes = rng.normal(size=(60, 4)), np.arange(60) % 3
+    candidates = np.arange(5, 60)
+    settings = from_dict({}, []).aspkd
+    assert {"paper", "random"} <= set(list_selections())
+    for name in list_selections():
+        def run(seed, name=name):
+            return get_selection(name)(SelectionInput(
+                quota=9, classes=classes, candidates=candidates, num_classes=3,
+                rng=np.random.default_rng(seed), latents=lambda: latents,
+                predicted=lambda: classes, settings=settings)).indices
+        picks = run(1)
+        assert len(picks) == 9 and len(set(picks)) == 9, name
+        assert set(picks) <= set(candidates), name
+        assert list(np.bincount(classes[picks], minlength=3)) == [3, 3, 3], name
+        assert list(run(1)) == list(picks), name
+
+
+def test_dataset_horizontal_flip_overrides_the_data_set_default():
+    from aspkd_ray.layout import horizontal_flip
+
+    assert horizontal_flip(from_dict({}, ["dataset.name=imagefolder"])) is True
+    assert horizontal_flip(from_dict({}, ["dataset.name=imagefolder",
+                                          "dataset.horizontal_flip=false"])) is False
+    assert horizontal_flip(from_dict({}, [])) is False  # digits
+
+
+def test_every_registered_pseudo_label_rule_honours_its_contract():
+    """Each rule labels every query (soft: distributions, hard: class ids), says which it
+    keeps, and a query sitting on a reference gets that reference's class."""
+    import numpy as np
+
+    from aspkd_ray.aspkd.pseudo_labels import (
+        PseudoLabelInput,
+        get_pseudo_label_rule,
+        list_pseudo_label_rules,
+    )
+
+    rng = np.random.default_rng(0)
+    reference = rng.normal(size=(12, 6)).astype(np.float32)
+    ref_classes = np.arange(12) % 3
+    query = np.concatenate([reference + 1e-4, rng.normal(size=(8, 6)).astype(np.float32)])
+    gen = np.concatenate([ref_classes, rng.integers(0, 3, 8)])
+    settings = from_dict({}, ["aspkd.k=1"]).aspkd
+    assert "paper" in list_pseudo_label_rules()
+    for name in list_pseudo_label_rules():
+        for mode, labels in (("soft", np.eye(3, dtype=np.float32)[ref_classes]),
+                             ("hard", ref_classes)):
+            out = get_pseudo_label_rule(name)(PseudoLabelInput(
+                query=query, reference=reference, reference_labels=labels,
+                generation_classes=gen, mode=mode, num_classes=3, distance="euclidean",
+                settings=settings))
+            assert out.classes.shape == (20,) and out.kept.shape == (20,), (name, mode)
+            if mode == "soft":
+                np.testing.assert_allclose(out.labels.sum(1), 1.0, atol=1e-5)
+            else:
+                assert out.labels.dtype.kind == "i"
+            assert list(out.classes[:12]) == list(ref_classes), (name, mode)
+            assert out.kept[:12].all(), (name, mode)

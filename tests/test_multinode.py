@@ -124,11 +124,11 @@ cfg = load(None, [f"output_dir={out}", f"victim.checkpoint={ckpt}", f"budget.led
 n, g = 150, torch.Generator().manual_seed(0)
 pool = ProxyPool(x=torch.rand(n, 1, 28, 28, generator=g), classes=np.arange(n) % 10,
                  x_val=torch.rand(10, 1, 28, 28, generator=g), classes_val=np.arange(10))
-settings = RoundSettings(num_classes=10, budget=30, rounds=3, output="soft",
-                         training=cfg.training, active=True, self_paced=True)
+settings = RoundSettings.from_config(cfg, 10, 30)
 images = np.random.default_rng(0).integers(0, 256, (n, 28, 28, 1), dtype=np.uint8)
 job = AttackJob(cfg=cfg, settings=settings, pool=ray.put(pool), input_shape=(pool.x.shape[-1], pool.x.shape[1]),
-                ids=[f"p{i}" for i in range(n)], images_ref=ray.put(images), num_classes=10,
+                ids=[f"p{i}" for i in range(n)], classes=pool.classes, train=np.arange(n),
+                val=np.zeros(0, np.int64), images_ref=ray.put(images), num_classes=10,
                 budget_total=30, ledger_uri=ledger)
 service = connect_teacher_service(cfg, 10, budget=30, ledger_uri=ledger)
 actor_id = service._handle._actor_id.hex()

@@ -34,16 +34,17 @@ ckpt = save_checkpoint(create_model("digits_cnn", num_classes=10, in_chans=1, im
 cfg = load(None, [f"output_dir={out}", f"victim.checkpoint={ckpt}", f"budget.ledger={root}/ledger",
                   f"ray.address={cluster.address}", "ray.namespace=multinode-train",
                   "ray.num_workers=2", "student.architecture=digits_cnn_small",
-                  "training.max_epochs=2", "training.batch_size=16"], None)
+                  "training.max_epochs=2", "training.batch_size=16", "aspkd.rounds=2",
+                  "aspkd.self_paced=false"], None)
 plan = plan_workers(requested=2, nodes=None)
 n, g = 60, torch.Generator().manual_seed(0)
 pool = ProxyPool(x=torch.rand(n, 1, 28, 28, generator=g), classes=np.arange(n) % 10,
                  x_val=torch.rand(10, 1, 28, 28, generator=g), classes_val=np.arange(10))
-settings = RoundSettings(num_classes=10, budget=20, rounds=2, output="soft",
-                         training=cfg.training, active=True, self_paced=False)
+settings = RoundSettings.from_config(cfg, 10, 20)
 images = np.random.default_rng(0).integers(0, 256, (n, 28, 28, 1), dtype=np.uint8)
 job = AttackJob(cfg=cfg, settings=settings, pool=ray.put(pool), input_shape=(pool.x.shape[-1], pool.x.shape[1]),
-                ids=[f"p{i}" for i in range(n)], images_ref=ray.put(images), num_classes=10,
+                ids=[f"p{i}" for i in range(n)], classes=pool.classes, train=np.arange(n),
+                val=np.zeros(0, np.int64), images_ref=ray.put(images), num_classes=10,
                 budget_total=20, ledger_uri=f"{root}/ledger")
 service = connect_teacher_service(cfg, 10, budget=20, ledger_uri=job.ledger_uri)
 t0 = time.monotonic()

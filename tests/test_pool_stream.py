@@ -67,9 +67,9 @@ def test_index_reads_only_asked_rows_in_order(proxy):
     # A process never decodes more than half of pool.memory_mb at once.
     streamed = StreamedPool(index, index.positions("train"), index.positions("val"), SIZE,
                             CHANS, memory_bytes=2 * index.stored_bytes(99))
-    assert streamed.images(np.arange(99)).shape == (99, SIZE, SIZE, CHANS)
+    assert streamed._read(np.arange(99)).shape == (99, SIZE, SIZE, CHANS)
     with pytest.raises(PoolTooLarge, match="pool.memory_mb"):
-        streamed.images(np.arange(100))
+        streamed._read(np.arange(100))
 
 
 def test_decoded_images_are_kept_for_reuse_within_the_cap(proxy, monkeypatch):

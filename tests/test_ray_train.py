@@ -105,6 +105,7 @@ class CountingVictim:
 
 def _attack_job(tmp_path, url: str, output: str, workers: int):
     import uuid
+    from dataclasses import replace
 
     import numpy as np
     import ray
@@ -122,11 +123,12 @@ def _attack_job(tmp_path, url: str, output: str, workers: int):
     pool = ProxyPool(x=torch.rand(n, 1, 28, 28, generator=g), classes=np.arange(n) % 10,
                      x_val=torch.rand(10, 1, 28, 28, generator=g), classes_val=np.arange(10))
     # output="hard" against a soft teacher: the attack code raises a TypeError after buying.
-    settings = RoundSettings(num_classes=10, budget=20, rounds=1, output=output,
-                             training=cfg.training, active=False, self_paced=False)
+    settings = replace(RoundSettings.from_config(cfg, 10, 20), rounds=1, output=output,
+                       aspkd=replace(cfg.aspkd, selection="random", self_paced=False))
     images = np.random.default_rng(0).integers(0, 256, (n, 28, 28, 1), dtype=np.uint8)
     return AttackJob(cfg=cfg, settings=settings, pool=ray.put(pool), input_shape=(pool.x.shape[-1], pool.x.shape[1]),
-                     ids=[f"p{i}" for i in range(n)], images_ref=ray.put(images),
+                     ids=[f"p{i}" for i in range(n)], classes=pool.classes, train=np.arange(n),
+                     val=np.zeros(0, np.int64), images_ref=ray.put(images),
                      num_classes=10, budget_total=20, ledger_uri=str(tmp_path / "ledger"))
 
 

@@ -1,12 +1,14 @@
 """The ASPKD round loop (Algorithm 1) with a fake teacher: budget, rounds, hard mode."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 
 import aspkd_ray.aspkd.rounds as rounds_mod
 from aspkd_ray.aspkd.rounds import ProxyPool, RoundSettings, run_rounds
-from aspkd_ray.config import TrainingConfig
+from aspkd_ray.config import ASPKDConfig, TrainingConfig
 from aspkd_ray.datasets import load_generator_data, to_tensor
 from aspkd_ray.models import create_model
 
@@ -21,13 +23,24 @@ def pool():
                      classes_val=data.labels[va]), data.labels[tr]
 
 
+ASPKD_KEYS = {f.name for f in dataclasses.fields(ASPKDConfig)}
+
+
 def _settings(**kw):
+    """RoundSettings with the aspkd keys (and the old names active / prompt_only) mapped
+    into the aspkd section."""
+    a = {"sigma": 1.0, "sigma_mode": "median"}
+    if "active" in kw:
+        a["selection"] = "paper" if kw.pop("active") else "random"
+    if kw.pop("prompt_only", False):
+        a["baseline"] = "prompt_only"
+    a.update({k: kw.pop(k) for k in list(kw) if k in ASPKD_KEYS})
     base = dict(num_classes=10, budget=40, rounds=3, output="soft",
                 training=TrainingConfig(max_epochs=1, patience=1, batch_size=64,
                                         augment=False),
-                sigma=1.0, sigma_mode="median", seed=0)
+                flip=False, seed=0, pretrain=False)
     base.update(kw)
-    return RoundSettings(**base)
+    return RoundSettings(aspkd=ASPKDConfig(**a), **base)
 
 
 class FakeTeacher:
@@ -63,14 +76,16 @@ def test_budget_is_spent_exactly_over_rounds_without_repeats(pool):
 
 def test_every_round_recomputes_latents_and_pseudo_labels(pool, monkeypatch):
     p, truth = pool
+    import aspkd_ray.aspkd.pseudo_labels as pl_mod
+
     seen = []
-    real_knn = rounds_mod.knn_pseudo_labels
+    real_rule = pl_mod.get_pseudo_label_rule("paper")
 
-    def spy(query, reference, labels, **kw):
-        seen.append((query.copy(), reference.shape[0]))
-        return real_knn(query, reference, labels, **kw)
+    def spy(inp):
+        seen.append((inp.query.copy(), inp.reference.shape[0]))
+        return real_rule(inp)
 
-    monkeypatch.setattr(rounds_mod, "knn_pseudo_labels", spy)
+    monkeypatch.setitem(pl_mod.RULES.entries, "paper", spy)
     state = run_rounds(_student(), p, _settings(), FakeTeacher(truth, "soft"))
     assert [n for _, n in seen] == [13, 26, 40]  # the labelled set grows each round
     # the unlabelled pool's latents change between rounds (the student moved)
@@ -101,9 +116,10 @@ def test_hard_mode_rejects_probabilities_from_the_teacher(pool):
 
 def test_vanilla_and_prompt_only_switches(pool, monkeypatch):
     p, truth = pool
+    import aspkd_ray.aspkd.pseudo_labels as pl_mod
+
     called = []
-    monkeypatch.setattr(rounds_mod, "knn_pseudo_labels",
-                        lambda *a, **k: called.append(1) or None)
+    monkeypatch.setitem(pl_mod.RULES.entries, "paper", lambda inp: called.append(1) or None)
     teacher = FakeTeacher(truth, "soft")
     state = run_rounds(_student(), p, _settings(active=False, self_paced=False), teacher)
     assert teacher.calls == 40 and not called and state.pseudo == []
@@ -210,12 +226,6 @@ def test_resume_buys_only_later_rounds_and_their_first_picks_match(runs, stop_af
         np.testing.assert_array_equal(got[key], want[stop_after][key])
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "product bug: DigitsCNN's dropout draws from the global torch RNG, which distill.fit "
-    "never seeds; a resumed run re-seeds it at student creation (attack._make_student) "
-    "where the uninterrupted run continues it, so round k+1's training, pseudo-labels and "
-    "later picks differ. Remove this mark once each fit seeds the global RNG from its seed "
-    "(or the round checkpoint carries the RNG state)."))
 @pytest.mark.parametrize("stop_after", [1, 2])
 def test_resume_after_an_interruption_picks_what_an_uninterrupted_run_picks(runs, stop_after):
     (full, _), resumed = runs
@@ -254,19 +264,21 @@ def test_pretrain_fits_generation_classes_before_round_one_and_only_once(pool, m
 
 def _run(pool_fixture, monkeypatch, output):
     p, truth = pool_fixture
+    import aspkd_ray.aspkd.pseudo_labels as pl_mod
+
     fits, knn_refs = [], []
-    real_fit, real_knn = rounds_mod.fit, rounds_mod.knn_pseudo_labels
+    real_fit, real_rule = rounds_mod.fit, pl_mod.get_pseudo_label_rule("paper")
 
     def fit_spy(model, x, targets, cfg, **kw):
         fits.append((targets.clone(), kw.get("class_weights")))
         return real_fit(model, x, targets, cfg, **kw)
 
-    def knn_spy(query, reference, labels, **kw):
-        knn_refs.append(np.array(labels))
-        return real_knn(query, reference, labels, **kw)
+    def knn_spy(inp):
+        knn_refs.append(np.array(inp.reference_labels))
+        return real_rule(inp)
 
     monkeypatch.setattr(rounds_mod, "fit", fit_spy)
-    monkeypatch.setattr(rounds_mod, "knn_pseudo_labels", knn_spy)
+    monkeypatch.setitem(pl_mod.RULES.entries, "paper", knn_spy)
     teacher = BiasedTeacher(truth, output)
     state = rounds_mod.run_rounds(_student(), p, _settings(output=output,
                                                            prior_correction=True), teacher)

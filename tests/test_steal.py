@@ -181,10 +181,6 @@ def test_resume_after_an_interruption_continues_from_the_round_checkpoint(soft, 
     assert summary["agreement_by_round"][0] == full["agreement_by_round"][0]
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "product bug: dropout draws from the global torch RNG, which distill.fit never seeds; "
-    "attack._make_student re-seeds it on resume where an uninterrupted worker continues it, "
-    "so the resumed round 2 trains with other dropout masks (see test_rounds.py)"))
 @pytest.mark.timeout(900)
 def test_resumed_attack_ends_with_the_uninterrupted_student(soft, interrupted):
     full_out, full = soft[0], soft[1]

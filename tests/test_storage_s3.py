@@ -53,7 +53,7 @@ def test_steal_on_s3_equals_the_local_run_and_resumes(ray_session, sets, s3_root
     local = run_steal(from_dict({}, base + [f"output_dir={root / 'local'}",
                                             "ray.teacher_service=t-s3-local"]))
     from aspkd_ray.cache import publish
-    from aspkd_ray.victim.train import victim_location
+    from aspkd_ray.layout import victim_location
 
     work = root / "never-written"
     cfg = from_dict({}, base + [f"output_dir={work}", f"storage.root={s3_root}",

@@ -23,9 +23,12 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+
+from aspkd_ray.registry import Registry
 
 
 def _prefer_fast_openblas_kernel() -> None:
@@ -50,8 +53,13 @@ def _prefer_fast_openblas_kernel() -> None:
         os.environ["OPENBLAS_CORETYPE"] = "Haswell"
 
 
-_prefer_fast_openblas_kernel()
-import faiss  # noqa: E402  (after the kernel choice above)
+def load_faiss():
+    """faiss, imported on first use (after the kernel choice above): naming a rule, or
+    validating a config, needs no BLAS."""
+    _prefer_fast_openblas_kernel()
+    import faiss
+
+    return faiss
 
 DISTANCES = ("cosine", "euclidean")
 MODES = ("soft", "hard")
@@ -79,6 +87,30 @@ class PseudoLabels:
     filter_rate: float
     neighbours: np.ndarray
     distances: np.ndarray
+
+
+# --- the registry: aspkd.pseudo_labels names a rule --------------------------------------
+
+
+@dataclass(frozen=True)
+class PseudoLabelInput:
+    """What a rule may use to label the unlabelled pool X'' from the bought set X'."""
+
+    query: np.ndarray               # (Nq, D) latents of the unlabelled images
+    reference: np.ndarray           # (Nr, D) latents of the bought images
+    reference_labels: np.ndarray    # the teacher's answers (soft: Nr x C, hard: Nr)
+    generation_classes: np.ndarray  # (Nq,) class each query image was generated for
+    mode: str                       # "soft" | "hard"
+    num_classes: int
+    distance: str                   # "cosine" | "euclidean"
+    settings: object                # the aspkd config section (k, the filter, ...)
+
+
+Rule = Callable[[PseudoLabelInput], "PseudoLabels"]
+RULES: Registry[Rule] = Registry("aspkd.pseudo_labels")
+register_pseudo_labels = RULES.register   # @register_pseudo_labels("name") on a rule
+list_pseudo_label_rules = RULES.names
+get_pseudo_label_rule = RULES.get
 
 
 def knn_pseudo_labels(
@@ -207,6 +239,7 @@ def _faiss_knn(
     Cosine: inner product of L2-normalised vectors, distance 1 - cos.
     Euclidean: faiss's L2 index returns squared distances; the square root is taken here.
     """
+    faiss = load_faiss()
     dim = reference.shape[1]
     if distance == "cosine":
         index = faiss.IndexFlatIP(dim)
@@ -245,7 +278,7 @@ def _l2_normalise(x: np.ndarray) -> np.ndarray:
 def _resolve_use_gpu(use_gpu: bool | None) -> bool:
     if use_gpu is not None and not isinstance(use_gpu, (bool, np.bool_)):
         raise ValueError(f"use_gpu must be True, False or None, got {use_gpu!r}.")
-    has_gpu = faiss.get_num_gpus() > 0
+    has_gpu = load_faiss().get_num_gpus() > 0
     if use_gpu and not has_gpu:
         warnings.warn(
             "use_gpu=True but faiss sees no GPU (faiss-cpu build, or no device); "
@@ -405,3 +438,14 @@ def _check_batch_size(batch_size: int | None) -> int:
             or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1 or None, got {batch_size!r}.")
     return int(batch_size)
+
+
+@register_pseudo_labels("paper")
+def _paper(inp: PseudoLabelInput) -> PseudoLabels:
+    """The paper's rule: k nearest bought neighbours (weighted average or vote), dropped when
+    the label's class differs from the generation class."""
+    a = inp.settings
+    return knn_pseudo_labels(inp.query, inp.reference, inp.reference_labels, k=a.k,
+                             distance=inp.distance, mode=inp.mode, num_classes=inp.num_classes,
+                             generation_classes=inp.generation_classes,
+                             filter_by_generation_class=a.generation_class_filter)

@@ -29,9 +29,9 @@ from torch import nn
 
 from aspkd_ray.aspkd.distill import FitResult, accuracy, embed, fit, predict_logits
 from aspkd_ray.aspkd.prior import class_weights, correct_soft_labels, teacher_prior
-from aspkd_ray.aspkd.pseudo_labels import knn_pseudo_labels
-from aspkd_ray.aspkd.selection import active_select, random_select
-from aspkd_ray.config import TrainingConfig
+from aspkd_ray.aspkd.pseudo_labels import PseudoLabelInput, get_pseudo_label_rule
+from aspkd_ray.aspkd.selection import SelectionInput, get_selection
+from aspkd_ray.config import ASPKDConfig, Config, TrainingConfig
 
 log = logging.getLogger(__name__)
 
@@ -89,33 +89,51 @@ class ProxyPool:
 
 @dataclass
 class RoundSettings:
+    """The round loop's settings: the config's aspkd and training sections as they are (the
+    schema holds every default), and what a job derives from the config and the proxy set.
+    Build it with `from_config`."""
+
+    aspkd: ASPKDConfig
+    training: TrainingConfig
     num_classes: int
-    budget: int                  # calls for the pool (bought validation excluded)
+    budget: int                  # calls in all, a bought validation subset included
     rounds: int
     output: str                  # "soft" | "hard": what the teacher returns
-    training: TrainingConfig
-    active: bool = True
-    self_paced: bool = True
-    sigma: float = 17.0
-    sigma_mode: str = "absolute"
-    k: int = 5
-    distance: str | None = None  # None: cosine for soft, euclidean for hard (the paper's)
-    generation_class_filter: bool = True
-    centroids: str = "generation"
-    flip: bool = False
-    seed: int = 0
-    prompt_only: bool = False    # baseline: generation classes as labels, no calls
-    pretrain: bool = False       # init: pre-train on generation classes before round 1
-    prior_correction: bool = False  # divide out the teacher's class prior (aspkd/prior.py)
+    flip: bool                   # horizontal flips in augmentation
+    seed: int
+    pretrain: bool               # init: pre-train on generation classes before round 1
+
+    @classmethod
+    def from_config(cls, cfg: Config, num_classes: int, budget: int) -> RoundSettings:
+        from aspkd_ray.config import num_rounds
+        from aspkd_ray.layout import horizontal_flip
+
+        return cls(aspkd=cfg.aspkd, training=cfg.training, num_classes=num_classes,
+                   budget=budget, rounds=num_rounds(cfg, num_classes),
+                   output=cfg.victim.output, flip=horizontal_flip(cfg), seed=cfg.seed,
+                   pretrain=cfg.student.pretrain == "proxy_prompts")
+
+    @property
+    def prompt_only(self) -> bool:
+        """The paper's conventional baseline: generation classes as labels, no calls."""
+        return self.aspkd.baseline == "prompt_only"
+
+    @property
+    def val_per_class(self) -> int:
+        """Calls per class for a bought validation subset (training.early_stopping)."""
+        t = self.training
+        return t.bought_val_per_class if t.early_stopping == "bought_val" else 0
 
     @property
     def knn_distance(self) -> str:
-        return self.distance or ("cosine" if self.output == "soft" else "euclidean")
+        return self.aspkd.distance or ("cosine" if self.output == "soft" else "euclidean")
 
-    def calls_in_round(self, r: int) -> int:
-        """n / r calls per round; the remainder goes to the last round."""
-        base = self.budget // self.rounds
-        return base + (self.budget - base * self.rounds if r == self.rounds - 1 else 0)
+    def calls_in_round(self, r: int, spent_on_val: int = 0) -> int:
+        """n / r calls per round of what the validation subset left; the remainder goes to
+        the last round."""
+        budget = self.budget - spent_on_val
+        base = budget // self.rounds
+        return base + (budget - base * self.rounds if r == self.rounds - 1 else 0)
 
 
 @dataclass
@@ -128,6 +146,8 @@ class AttackState:
     history: list[dict] = field(default_factory=list)
     pseudo: list[dict] = field(default_factory=list)  # per round: pool idx and classes
     pretrain: dict | None = None                     # the init step's fit, once done
+    bought_val: dict | None = None                   # {idx, labels}: bought validation
+    torch_rng: np.ndarray | None = None              # torch's CPU generator after the round
 
 
 class Comm:
@@ -150,20 +170,60 @@ def bought_targets(labels: np.ndarray, output: str) -> torch.Tensor:
     return torch.as_tensor(labels, dtype=torch.float32)
 
 
+class _Once:
+    """A value computed on the first call and kept."""
+
+    def __init__(self, make: Callable[[], np.ndarray]) -> None:
+        self.make, self.value = make, None
+
+    def __call__(self) -> np.ndarray:
+        if self.value is None:
+            self.value = self.make()
+        return self.value
+
+
+def pick_bought_val(classes_val: np.ndarray, per_class: int, seed: int) -> np.ndarray:
+    """The validation images whose labels are bought: `per_class` of each class, seeded."""
+    rng = np.random.default_rng([seed, 7])
+    picks = [rng.permutation(np.flatnonzero(classes_val == c))[:per_class]
+             for c in np.unique(classes_val)]
+    return np.sort(np.concatenate(picks)) if picks else np.zeros(0, np.int64)
+
+
 def run_rounds(student: nn.Module, pool: Pool, s: RoundSettings,
-               buy: Callable[[np.ndarray], np.ndarray], *, comm: Comm | None = None,
-               state: AttackState | None = None, val_labels: np.ndarray | None = None,
+               buy: Callable[..., np.ndarray], *, comm: Comm | None = None,
+               state: AttackState | None = None,
                on_round: Callable[[AttackState, nn.Module], None] | None = None) -> AttackState:
     """Run (or resume) Algorithm 1 on `student` in place and return the attack state.
 
-    `buy(pool_indices)` returns the teacher's labels for those train-pool images (soft: N x C
-    floats; hard: N ints). Only rank 0 buys and selects; decisions are broadcast so every
-    rank trains on the same data. `on_round(state, student)` runs after each round (saving).
+    `buy(idx)` returns the teacher's labels for those train-pool images (soft: N x C floats;
+    hard: N ints), `buy(idx, "val")` for validation images. Only rank 0 buys and selects;
+    decisions are broadcast so every rank trains on the same data. `on_round(state,
+    student)` runs after each round (saving).
     """
     comm = comm or Comm()
     state = state or AttackState()
-    validate = pool.validator(val_labels)
     n = len(pool.classes)
+    if state.torch_rng is not None:
+        # Dropout draws from torch's global generator: a resumed run continues it from where
+        # the interrupted one saved it, so its students are those of an uninterrupted run.
+        torch.set_rng_state(torch.as_tensor(state.torch_rng, dtype=torch.uint8))
+
+    # 1. a teacher-labelled validation subset (training.early_stopping=bought_val), paid for
+    # from the budget like any other label; early stopping then scores agreement with it.
+    if s.val_per_class and not s.prompt_only and state.bought_val is None:
+        bought = None
+        if comm.rank == 0:
+            vb = pick_bought_val(pool.classes_val, s.val_per_class, s.seed)
+            answers = buy(vb, "val")
+            bought = {"idx": vb, "labels": answers if answers.ndim == 1 else answers.argmax(1)}
+        state.bought_val = comm.broadcast(bought)
+    val_labels = None
+    if state.bought_val is not None:
+        pool.keep_val(state.bought_val["idx"])
+        val_labels = state.bought_val["labels"]
+    spent_on_val = 0 if state.bought_val is None else len(state.bought_val["idx"])
+    validate = pool.validator(val_labels)
 
     def fit_on(idx, targets, seed, weights=None):
         return pool.fit(student, idx, targets, s.training, validate=validate, flip=s.flip,
@@ -194,22 +254,19 @@ def run_rounds(student: nn.Module, pool: Pool, s: RoundSettings,
         # Round seeds derive from (seed, round): a resumed run picks what a full run picks.
         rng = np.random.default_rng([s.seed, r])
         unlabelled = np.setdiff1d(np.arange(n), state.bought_idx)
-        quota = min(s.calls_in_round(r), len(unlabelled))
+        quota = min(s.calls_in_round(r, spent_on_val), len(unlabelled))
 
         # a. active selection (rank 0 decides, everyone learns the picks)
         picks, latents_mb = None, None
         if comm.rank == 0:
-            if s.active:
-                latents = pool.embed(student)
-                latents_mb = round(latents.nbytes / 2**20, 2)
-                groups = pool.classes
-                if s.centroids == "predicted":
-                    groups = pool.predict(student)
-                sel = active_select(latents, groups, quota, s.num_classes, sigma=s.sigma,
-                                    sigma_mode=s.sigma_mode, rng=rng, candidates=unlabelled)
-            else:
-                sel = random_select(pool.classes, quota, s.num_classes, rng=rng,
-                                    candidates=unlabelled)
+            latents = _Once(lambda: pool.embed(student))  # only strategies that need them
+            sel = get_selection(s.aspkd.selection)(SelectionInput(
+                quota=quota, classes=pool.classes, candidates=unlabelled,
+                num_classes=s.num_classes, rng=rng, latents=latents,
+                predicted=lambda: pool.predict(student), settings=s.aspkd))
+            if latents.value is not None:
+                latents_mb = round(latents.value.nbytes / 2**20, 2)
+            del latents
             picks = np.asarray(sel.indices, dtype=np.int64)
             # b. query the teacher; move the picks from X'' to X'
             labels = buy(picks)
@@ -223,7 +280,7 @@ def run_rounds(student: nn.Module, pool: Pool, s: RoundSettings,
 
         # c. distil on X' (teacher labels, prior-corrected when asked: aspkd/prior.py)
         labels, weights = state.bought_labels, None
-        if s.prior_correction:
+        if s.aspkd.prior_correction:
             prior = teacher_prior(labels, s.num_classes)
             if s.output == "soft":
                 labels = correct_soft_labels(labels, prior)
@@ -237,16 +294,16 @@ def run_rounds(student: nn.Module, pool: Pool, s: RoundSettings,
             row["latents_mb"] = latents_mb
 
         # d. self-paced pseudo-labels on X'', recomputed every round since S̄ changed
-        if s.self_paced:
+        if s.aspkd.self_paced:
             unlabelled = np.setdiff1d(np.arange(n), state.bought_idx)
             pseudo = None
             if comm.rank == 0:
                 latents = pool.embed(student)
-                pl = knn_pseudo_labels(
-                    latents[unlabelled], latents[state.bought_idx], labels,
-                    k=s.k, distance=s.knn_distance, mode=s.output, num_classes=s.num_classes,
-                    generation_classes=pool.classes[unlabelled],
-                    filter_by_generation_class=s.generation_class_filter)
+                pl = get_pseudo_label_rule(s.aspkd.pseudo_labels)(PseudoLabelInput(
+                    query=latents[unlabelled], reference=latents[state.bought_idx],
+                    reference_labels=labels, generation_classes=pool.classes[unlabelled],
+                    mode=s.output, num_classes=s.num_classes, distance=s.knn_distance,
+                    settings=s.aspkd))
                 pseudo = (unlabelled[pl.kept], pl.labels[pl.kept], pl.classes[pl.kept],
                           float(pl.filter_rate))
             p_idx, p_labels, p_classes, filter_rate = comm.broadcast(pseudo)
@@ -263,6 +320,7 @@ def run_rounds(student: nn.Module, pool: Pool, s: RoundSettings,
         row["round_time_s"] = round(time.time() - t0, 2)
         state.history.append(row)
         state.round = r + 1
+        state.torch_rng = torch.get_rng_state().numpy()
         log.info("round %d/%d: %s", r + 1, s.rounds, row)
         if on_round:
             on_round(state, student)

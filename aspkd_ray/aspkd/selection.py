@@ -21,9 +21,12 @@ candidates than its quota gives all it has while the shortfall goes to the other
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+
+from aspkd_ray.registry import Registry
 
 SIGMA_MODES = ("absolute", "median")
 
@@ -149,6 +152,47 @@ def random_select(
         per_class=np.bincount(classes[indices], minlength=num_classes).astype(np.int64),
         sigma=float("nan"),
     )
+
+
+# --- the registry: aspkd.selection names a strategy ----------------------------------------
+
+
+@dataclass(frozen=True)
+class SelectionInput:
+    """What a strategy may use to pick a round's images."""
+
+    quota: int                         # images to pick this round
+    classes: np.ndarray                # (N,) class of every pool image (generation class)
+    candidates: np.ndarray             # row indices still unlabelled
+    num_classes: int
+    rng: np.random.Generator           # the only source of randomness
+    latents: Callable[[], np.ndarray]  # (N, D) S̄(x) of every pool image, computed on demand
+    predicted: Callable[[], np.ndarray]  # (N,) the student's class of every pool image
+    settings: object                   # the aspkd config section (sigma, centroids, ...)
+
+
+Strategy = Callable[[SelectionInput], SelectionResult]
+STRATEGIES: Registry[Strategy] = Registry("aspkd.selection")
+register_selection = STRATEGIES.register   # @register_selection("name") on a strategy
+list_selections = STRATEGIES.names
+get_selection = STRATEGIES.get
+
+
+@register_selection("paper")
+def _paper(inp: SelectionInput) -> SelectionResult:
+    """Eq. (2): per class, ∝ exp(-Δ/(2σ²)) around the class centroid of S̄ (the centroids of
+    generation classes, or of the student's predicted classes with aspkd.centroids)."""
+    a = inp.settings
+    groups = inp.predicted() if a.centroids == "predicted" else inp.classes
+    return active_select(inp.latents(), groups, inp.quota, inp.num_classes, sigma=a.sigma,
+                         sigma_mode=a.sigma_mode, rng=inp.rng, candidates=inp.candidates)
+
+
+@register_selection("random")
+def _random(inp: SelectionInput) -> SelectionResult:
+    """Knockoff-style: the same per-class quotas, uniform inside a class (no latents)."""
+    return random_select(inp.classes, inp.quota, inp.num_classes, rng=inp.rng,
+                         candidates=inp.candidates)
 
 
 # --- shared by both samplers ---------------------------------------------------------------

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from aspkd_ray.cli.main import add_common, load_config
+from aspkd_ray.errors import UsageError
 
 
 def register(sub) -> None:
@@ -47,9 +48,11 @@ def run_train(args: argparse.Namespace) -> int:
 
     from aspkd_ray.generation import train_generator
     from aspkd_ray.generation.ddpm import read_info
+    from aspkd_ray.generation.train_ddpm import check_trainable
     from aspkd_ray.tracking import mlflow_run
 
     cfg = load_config(args)
+    check_trainable(cfg)  # before MLflow writes anything
     with mlflow_run(cfg, "train-generator", tags={"stage": "train-generator"}) as run:
         folder = train_generator(cfg)
         info = read_info(folder)
@@ -63,8 +66,8 @@ def run_train(args: argparse.Namespace) -> int:
 def run_generate(args: argparse.Namespace) -> int:
     import mlflow
 
-    from aspkd_ray.generation import ensure_generator, generate_proxy_at
-    from aspkd_ray.generation.ray_generate import check_generator
+    from aspkd_ray.generation import generate_proxy_at
+    from aspkd_ray.generation.registry import check_generator, prepare_generator
     from aspkd_ray.layout import run_layout
     from aspkd_ray.runtime import connect
     from aspkd_ray.tracking import mlflow_run
@@ -72,8 +75,7 @@ def run_generate(args: argparse.Namespace) -> int:
     cfg = load_config(args)
     proxy = run_layout(cfg).proxy
     check_generator(cfg)  # a bad plugin fails here, before Ray starts
-    if cfg.generator.kind == "ddpm":
-        ensure_generator(cfg)
+    prepare_generator(cfg)  # e.g. trains the embedded DDPM if it is not there yet
     connect(cfg.ray.address, cfg.ray.namespace)
     with mlflow_run(cfg, "generate", tags={"stage": "generate"}) as run:
         manifest = generate_proxy_at(cfg, proxy)
@@ -93,6 +95,8 @@ def run_show(args: argparse.Namespace) -> int:
     from aspkd_ray.generation import show_proxy_grid
     from aspkd_ray.layout import run_layout
 
+    if args.per_class < 1:
+        raise UsageError(f"--per-class: got {args.per_class}; expected a positive integer.")
     cfg = load_config(args)
     # A picture for the user: on this machine, even when the run's storage is elsewhere.
     out = args.out or Path(cfg.output_dir) / "proxy_grid.png"

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from aspkd_ray import console
+
 
 def register(sub) -> None:
     p = sub.add_parser("info", help="versions, Ray cluster resources, devices, faiss GPUs",
@@ -50,7 +52,10 @@ def run(args: argparse.Namespace) -> int:
         return 0
     print("versions:  " + ", ".join(f"{k} {v}" for k, v in info["versions"].items()))
     r = info["ray"]
-    print(f"ray:       {r['address']} namespace={r['namespace']} nodes={r['nodes']}")
+    mode = f" ({r['mode']})" if r.get("mode") else ""
+    print(f"ray:       {r['address']}{mode} namespace={r['namespace']} nodes={r['nodes']}")
+    if console.log_folder():  # Ray's session logs, where Ray's output goes unless -v
+        print(f"logs:      {console.log_folder()}")
     print("resources: " + ", ".join(f"{k}={v:g}" for k, v in sorted(r["resources"].items())))
     d = info["torch_devices"]
     print(f"torch:     cuda={d['cuda']} devices={d['cuda_devices']} {d['names']}")

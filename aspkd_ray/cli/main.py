@@ -8,6 +8,7 @@ import importlib
 import logging
 import sys
 
+from aspkd_ray import console
 from aspkd_ray.config import ConfigError
 from aspkd_ray.errors import UserError
 
@@ -53,7 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
         prog="aspkd",
         description="Few-call black-box model stealing (ASPKD) on Ray: generate a proxy set, "
                     "buy labels from the victim within a budget, distil a student.")
-    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    loud = parser.add_mutually_exclusive_group()
+    loud.add_argument("-q", "--quiet", action="store_true",
+                      help="only warnings, errors and the result")
+    loud.add_argument("-v", "--verbose", action="store_true",
+                      help="every log line, and Ray's own output (workers, Ray Data, Ray "
+                           "Train), on the console; by default they go to Ray's log files")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMANDS:
         # A subcommand that fails to import is a broken install or a bug: say so, never
@@ -120,10 +126,8 @@ def _shutdown_ray(was_running: bool) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
-    logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # CPU-feature probing noise
+    console.configure(console.QUIET if args.quiet else
+                      console.VERBOSE if args.verbose else console.NORMAL)
     was_running = _ray_running()
     try:
         return int(args.func(args) or 0)

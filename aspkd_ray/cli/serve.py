@@ -8,6 +8,7 @@ import json
 import sys
 
 from aspkd_ray.cli.main import add_common, load_config
+from aspkd_ray.errors import UsageError, UserError
 
 
 def register(sub) -> None:
@@ -40,16 +41,14 @@ def run_serve(args: argparse.Namespace) -> int:
 
     cfg = load_config(args)
     if args.port is not None and not 0 < args.port < 65536:
-        print(f"aspkd: --port must be in 1..65535, got {args.port}", file=sys.stderr)
-        return 2
+        raise UsageError(f"--port: got {args.port}; expected a port in 1..65535.")
     if not _is_loopback(args.host):
         print(f"aspkd: warning: serving on {args.host}: anyone who reaches this interface can "
               f"query the victim (no authentication).", file=sys.stderr)
     try:
         url, proc = start_victim_server(cfg, port=args.port, host=args.host)
     except FileNotFoundError as exc:
-        print(f"aspkd: {exc}", file=sys.stderr)
-        return 1
+        raise UserError(str(exc)) from None
     print(f"victim ({cfg.victim.output} labels) served at {url}  (MLflow scoring protocol: "
           f"POST {url}/invocations)", flush=True)
     print(f"attack it with: --set victim.endpoint={url} --set victim.protocol=mlflow; "
@@ -84,8 +83,7 @@ def run_budget(args: argparse.Namespace) -> int:
     try:
         ledger = Ledger(uri, create=False)  # checked: a corrupt ledger is an error here too
     except FileNotFoundError as exc:
-        print(f"aspkd: {exc}", file=sys.stderr)
-        return 1
+        raise UserError(str(exc)) from None
     status, holder = ledger.status(), ledger.holder()
     if args.json:
         print(json.dumps({**status, "per_class": {str(k): v for k, v in

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from aspkd_ray import console
 from aspkd_ray.cli.main import add_common, load_config
 
 
@@ -30,19 +31,22 @@ def register(sub) -> None:
 
 
 def run_steal_cmd(args: argparse.Namespace) -> int:
-    from aspkd_ray.jobs.demo import format_report
-    from aspkd_ray.jobs.steal import run_steal
+    from aspkd_ray.jobs.demo import format_report, steal_with_progress
 
-    summary = run_steal(load_config(args), train_victim=args.train_victim)
-    print(format_report(summary).replace("ASPKD demo", "ASPKD attack"))
+    summary = steal_with_progress(load_config(args), train_victim=args.train_victim)
+    print(format_report(summary, _log_dir()).replace("ASPKD demo", "ASPKD attack"))
     return 0
 
 
 def run_demo_cmd(args: argparse.Namespace) -> int:
-    from aspkd_ray.jobs.demo import demo_config, format_report
-    from aspkd_ray.jobs.steal import run_steal
+    from aspkd_ray.jobs.demo import demo_config, format_report, run_demo
 
-    cfg = demo_config(load_config(args), output_dir_given=args.output_dir is not None)
-    summary = run_steal(cfg)
-    print(format_report(summary))
+    summary = run_demo(demo_config(load_config(args),
+                                   output_dir_given=args.output_dir is not None))
+    print(format_report(summary, _log_dir()))
     return 0
+
+
+def _log_dir():
+    """Where Ray's and the driver's logs went (None with -v: they were on the console)."""
+    return None if console.verbose() else console.log_folder()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from aspkd_ray import console
+
 
 def register(sub) -> None:
     p = sub.add_parser("sweep", help="Ray Tune sweep over sigma, k, rounds, learning rates",
@@ -23,7 +25,12 @@ def run(args: argparse.Namespace) -> int:
     from aspkd_ray.sweep.tune import load_sweep, run_sweep
 
     spec = load_sweep(args.sweep, args.overrides)
-    rows = run_sweep(spec, args.output_dir)
+    with console.stage("sweep") as st:
+        st.start(f"{spec.num_trials()} trial(s) on Ray Tune, each a whole attack")
+        rows = run_sweep(spec, args.output_dir)
+        failed = sum(row.get("agreement") is None for row in rows)
+        st.detail = f"{len(rows) - failed} trial(s) done" + (f", {failed} failed"
+                                                             if failed else "")
     keys = list(spec.space)
     print(f"\n{len(rows)} trial(s), best first ({spec.metric}):")
     for row in rows:

@@ -7,6 +7,7 @@ import json
 import shutil
 from pathlib import Path
 
+from aspkd_ray import console
 from aspkd_ray.cli.main import add_common, load_config
 
 
@@ -28,8 +29,11 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_config(args)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    with mlflow_run(cfg, "train-teacher", tags={"stage": "train-teacher"}) as run:
+    with mlflow_run(cfg, "train-teacher", tags={"stage": "train-teacher"}) as run, \
+            console.stage("victim") as st:
+        st.start(f"training the {cfg.dataset.name} victim ({cfg.victim.architecture})")
         summary = train_victim(cfg)
+        st.detail = f"trained, {summary['test_accuracy']:.2f}% test accuracy"
         mlflow.log_metric("test_accuracy", summary["test_accuracy"])
         mlflow.log_metric("wall_time_s", summary["wall_time_s"])
         summary["mlflow_run_id"] = run.info.run_id

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import math
 import os
 import types
@@ -178,15 +179,6 @@ def _check_architectures(cfg: Config) -> None:
                               f"{', '.join(names)} (`aspkd info` lists them).")
 
 
-def _check_plugin_spec(spec: str) -> None:
-    """'package.module:factory' or '/path/to/file.py:factory' (the file is checked when the
-    proxy set is generated: a Tune trial may validate this config on another node)."""
-    target, sep, attr = spec.rpartition(":")
-    if not sep or not target.strip() or not attr.strip() or not attr.isidentifier():
-        raise ConfigError(f"generator.plugin: got {spec!r}; expected 'package.module:factory' "
-                          f"or '/path/to/file.py:factory'.")
-
-
 def _check_endpoint_url(url: str) -> None:
     from urllib.parse import urlsplit
 
@@ -200,8 +192,46 @@ def _check_endpoint_url(url: str) -> None:
                           f"with a host (and a port in 1..65535), e.g. http://127.0.0.1:5000.")
 
 
+def _check_registered(cfg: Config) -> None:
+    """aspkd.selection, aspkd.pseudo_labels, generator.kind and victim.protocol must name
+    registered entries (their registries: aspkd/selection.py, aspkd/pseudo_labels.py,
+    generation/registry.py, teacher/http_victim.py)."""
+    from aspkd_ray.aspkd.pseudo_labels import list_pseudo_label_rules
+    from aspkd_ray.aspkd.selection import list_selections
+    from aspkd_ray.generation.registry import list_generators
+    from aspkd_ray.teacher.http_victim import list_protocols
+
+    for key, value, names in (("aspkd.selection", cfg.aspkd.selection, list_selections()),
+                              ("aspkd.pseudo_labels", cfg.aspkd.pseudo_labels,
+                               list_pseudo_label_rules()),
+                              ("generator.kind", cfg.generator.kind, list_generators()),
+                              ("victim.protocol", cfg.victim.protocol, list_protocols())):
+        if value not in names:
+            raise ConfigError(f"{key}: got {value!r}; expected one of: {', '.join(names)}.")
+
+
+def _deprecated_aliases(cfg: Config) -> Config:
+    """aspkd.active (a bool) became aspkd.selection (a strategy name)."""
+    from dataclasses import replace
+
+    active = cfg.aspkd.active
+    if active is None:
+        return cfg
+    wanted = "paper" if active else "random"
+    if cfg.aspkd.selection not in ("paper", wanted):
+        raise ConfigError(f"aspkd.active={str(active).lower()} contradicts aspkd.selection="
+                          f"{cfg.aspkd.selection}; drop aspkd.active (deprecated).")
+    logging.getLogger(__name__).warning(
+        "aspkd.active is deprecated; use aspkd.selection=%s", wanted)
+    return replace(cfg, aspkd=replace(cfg.aspkd, selection=wanted, active=None))
+
+
 def _cross_validate(cfg: Config) -> None:
+    from aspkd_ray.generation.registry import get_generator
+    from aspkd_ray.teacher.http_victim import get_protocol
+
     _check_architectures(cfg)
+    _check_registered(cfg)
     for i, tpl in enumerate(cfg.generator.templates):
         if "{class}" not in tpl:
             raise ConfigError(f"generator.templates[{i}]: got {tpl!r}; every template must "
@@ -212,19 +242,11 @@ def _cross_validate(cfg: Config) -> None:
         raise ConfigError("proxy: set proxy.per_class or proxy.total (both are null).")
     if cfg.budget.calls_per_class is None and cfg.budget.total is None:
         raise ConfigError("budget: set budget.calls_per_class or budget.total (both are null).")
-    if cfg.generator.kind == "plugin" and not cfg.generator.plugin:
-        raise ConfigError("generator.plugin: required when generator.kind is 'plugin'; "
-                          "expected 'package.module:factory'.")
-    if cfg.generator.kind == "plugin":
-        _check_plugin_spec(cfg.generator.plugin)
+    # The named generator kind and victim protocol check the settings they need.
+    get_generator(cfg.generator.kind).validate(cfg)
     if cfg.victim.endpoint:
         _check_endpoint_url(cfg.victim.endpoint)
-    if cfg.generator.kind == "diffusers" and not cfg.generator.model:
-        raise ConfigError("generator.model: required when generator.kind is 'diffusers'; "
-                          "expected a hub id or a local pipeline folder.")
-    if cfg.victim.protocol == "v2" and cfg.victim.endpoint and not cfg.victim.model_name:
-        raise ConfigError("victim.model_name: required for the v2 protocol; expected the "
-                          "model name the inference server exposes.")
+    get_protocol(cfg.victim.protocol).validate(cfg)
     if cfg.training.early_stopping == "bought_val" and cfg.training.bought_val_per_class < 1:
         raise ConfigError("training.bought_val_per_class: got 0 with early_stopping="
                           "bought_val; expected >= 1 (these calls are charged to the budget).")
@@ -266,7 +288,7 @@ def from_dict(data: dict[str, Any] | None, overrides: list[str] | tuple[str, ...
     for text in overrides:
         key, value = parse_override(text)
         _set_dotted(data, key, value)
-    cfg = _build(Config, data, "")
+    cfg = _deprecated_aliases(_build(Config, data, ""))
     _cross_validate(cfg)
     return absolute_paths(cfg)
 

@@ -34,6 +34,8 @@ class DatasetConfig:
     root: str | None = _f(None, doc="folder with the data set files (real data sets)")
     image_size: int | None = _f(None, min=4, doc="victim input size; None = data set default")
     channels: int | None = _f(None, choices=(1, 3), doc="None = data set default")
+    horizontal_flip: bool | None = _f(None, doc="flip images in training augmentation; None "
+                                                "= data set default (never for digits)")
     download: bool = _f(False, doc="let torchvision download the data set when missing")
 
 
@@ -61,8 +63,9 @@ class VictimConfig:
     checkpoint: str | None = _f(None, doc="victim weights; None = <cache_dir>/<dataset>/victim")
     output: str = _f("soft", choices=("soft", "hard"), doc="what the black box returns")
     endpoint: str | None = _f(None, doc="HTTP URL of a served victim instead of a checkpoint")
-    protocol: str = _f("mlflow", choices=("mlflow", "v2"),
-                       doc="HTTP protocol: MLflow scoring or Open Inference Protocol v2")
+    protocol: str = _f("mlflow", doc="a registered HTTP protocol (teacher/http_victim.py): "
+                                     "mlflow (MLflow scoring), v2 (Open Inference Protocol "
+                                     "v2), or any other registered one")
     model_name: str | None = _f(None, doc="model name for the v2 protocol")
     timeout_s: float = _f(30.0, gt=0.0)
     max_retries: int = _f(3, min=0)
@@ -87,9 +90,10 @@ class GeneratorTrainingConfig:
 
 @dataclass
 class GeneratorConfig:
-    kind: str = _f("ddpm", choices=("ddpm", "diffusers", "plugin"),
-                   doc="ddpm: small class-conditional model trained here; diffusers: any "
-                       "text-to-image pipeline by hub id or path; plugin: module:callable")
+    kind: str = _f("ddpm", doc="a registered generator kind (generation/registry.py): ddpm "
+                               "(small class-conditional model trained here), diffusers (any "
+                               "text-to-image pipeline by hub id or path), plugin "
+                               "(module:callable), or any other registered kind")
     model: str | None = _f(None, doc="hub id or local path; None for ddpm = "
                                      "<cache_dir>/<dataset>/generator")
     plugin: str | None = _f(None, doc="'package.module:factory' for kind=plugin")
@@ -139,8 +143,15 @@ class ASPKDConfig:
     k: int = _f(5, min=1)
     distance: str | None = _f(None, choices=(None, "cosine", "euclidean"),
                               doc="kNN distance; None = cosine for soft, euclidean for hard")
-    active: bool = _f(True, doc="active selection (off = random picks, Knockoff-style)")
+    selection: str = _f("paper", doc="how a round picks the images to buy: paper (Eq. 2, "
+                                     "active selection), random (Knockoff-style), or any "
+                                     "registered strategy (aspkd/selection.py)")
+    active: bool | None = _f(None, doc="deprecated: true = selection paper, false = "
+                                       "selection random")
     self_paced: bool = _f(True, doc="kNN pseudo-labels on the unlabelled pool")
+    pseudo_labels: str = _f("paper", doc="the pseudo-label rule: paper (kNN, generation-class "
+                                         "filter) or any registered rule "
+                                         "(aspkd/pseudo_labels.py)")
     generation_class_filter: bool = _f(True)
     prior_correction: bool = _f(False, doc="divide teacher soft labels by the teacher's class "
                                            "prior on the bought set (hard: class-weighted "

@@ -51,8 +51,8 @@ class EvaluationOracle:
         import json
 
         from aspkd_ray import cache
+        from aspkd_ray.layout import victim_location
         from aspkd_ray.models.checkpoint import ARCH
-        from aspkd_ray.victim.train import victim_location
 
         location = victim_location(cfg)
         if not cache.exists(location, ARCH):

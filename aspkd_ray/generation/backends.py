@@ -1,53 +1,26 @@
 """One factory for every generator kind, and the conversion to the victim's input format.
 
 All generators follow one protocol (see plugin.py): called with prompts, class ids and seeds,
-they return one image per prompt. `build_generator` picks the kind from the config.
+they return one image per prompt. `build_generator` asks the kind that `generator.kind` names
+in the registry (registry.py) to build it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
 from aspkd_ray.config import Config
+from aspkd_ray.generation.registry import Generator, get_generator
 
-Generator = Callable[[list[str], list[int], list[int]], Sequence]
+__all__ = ["Generator", "build_generator", "to_victim_format"]
 
 
 def build_generator(cfg: Config, class_names: tuple[str, ...],
                     device: str | None = None) -> Generator:
     """The configured generator, loaded and ready to sample (called once per actor)."""
-    g = cfg.generator
-    if g.kind == "ddpm":
-        import torch
-
-        from aspkd_ray.generation.ddpm import DDPMGenerator
-        from aspkd_ray.generation.text2image import DTYPES
-        from aspkd_ray.generation.train_ddpm import generator_dir
-
-        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        dtype = DTYPES[g.dtype] if dev.type == "cuda" else torch.float32
-        gen = DDPMGenerator(generator_dir(cfg), scheduler=g.scheduler, steps=g.steps,
-                            device=str(dev), dtype=dtype)
-        if gen.num_classes != len(class_names):
-            raise ValueError(f"the generator at {generator_dir(cfg)} has {gen.num_classes} "
-                             f"classes; the data set has {len(class_names)}.")
-        return gen
-    if g.kind == "diffusers":
-        from aspkd_ray.generation.text2image import DiffusersText2Image
-
-        return DiffusersText2Image(g.model, scheduler=g.scheduler, steps=g.steps,
-                                   guidance_scale=g.guidance_scale, resolution=g.resolution,
-                                   dtype=g.dtype, device=device)
-    if g.kind == "plugin":
-        import torch
-
-        from aspkd_ray.generation.plugin import load_factory
-
-        dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        return load_factory(g.plugin)(g, tuple(class_names), dev)
-    raise ValueError(f"generator.kind: got {g.kind!r}; expected ddpm, diffusers or plugin.")
+    return get_generator(cfg.generator.kind).build(cfg, tuple(class_names), device)
 
 
 def to_victim_format(images: Sequence, size: int, channels: int) -> np.ndarray:

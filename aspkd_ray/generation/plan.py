@@ -63,15 +63,10 @@ def prompt_for(template: str, class_name: str) -> str:
 
 def generator_id(cfg: Config) -> str:
     """Names the generator and its sampling settings: ids change when images would."""
-    g = cfg.generator
-    if g.kind == "ddpm":
-        from aspkd_ray.generation.train_ddpm import generator_dir
+    from aspkd_ray.generation.registry import get_generator
 
-        model = generator_dir(cfg).name
-    elif g.kind == "diffusers":
-        model = g.model.rstrip("/").split("/")[-1] if Path(g.model).exists() else g.model
-    else:
-        model = g.plugin
+    g = cfg.generator
+    model = get_generator(g.kind).identity(cfg)  # what model: the kind decides
     sampling = {"scheduler": g.scheduler, "steps": g.steps, "guidance": g.guidance_scale,
                 "resolution": g.resolution, "dtype": g.dtype}
     return f"{g.kind}:{model}:{config_hash(sampling)[:8]}"

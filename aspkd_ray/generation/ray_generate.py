@@ -23,10 +23,11 @@ from pathlib import Path
 import pyarrow as pa
 
 from aspkd_ray import storage
-from aspkd_ray.config import Config, ConfigError, config_hash
+from aspkd_ray.config import Config, config_hash
 from aspkd_ray.errors import UserError
 from aspkd_ray.generation import store
 from aspkd_ray.generation.plan import SPLITS, SamplePlan, class_names_for, make_plan
+from aspkd_ray.generation.registry import check_generator, get_generator
 from aspkd_ray.layout import join
 from aspkd_ray.runtime import WorkerPlan, plan_workers
 from aspkd_ray.runtime.resources import check_placeable
@@ -116,14 +117,15 @@ class GeneratorActor:
 def plan_pool(cfg: Config) -> WorkerPlan:
     """Actors and per-actor resources from what the cluster reports (never constants).
 
-    GPUs: one actor per GPU. CPUs only: the small embedded DDPM gets one single-threaded
-    actor per free CPU (several single-threaded processes beat one multi-threaded one at
-    16 x 16, and stay fast when the cores are shared, where OpenMP threads stall); a
-    text-to-image pipeline or plugin gets one actor per node (one copy of a large model per
-    node, all its threads). Requests are fractional and leave RESERVE_CPUS for the driver
-    and Ray Data, as whole-CPU actors plus a Ray Data task deadlock on 2 CPUs. Without
-    ray.cpus_per_worker, an actor never asks for more CPUs than the smallest node with CPUs
-    has: on a cluster of unequal nodes, an actor that fits on no node would wait forever.
+    GPUs: one actor per GPU. CPUs only: a small model (a kind with `one_actor_per_cpu`, the
+    embedded DDPM) gets one single-threaded actor per free CPU (several single-threaded
+    processes beat one multi-threaded one at 16 x 16, and stay fast when the cores are
+    shared, where OpenMP threads stall); any other kind (a text-to-image pipeline, a plugin)
+    gets one actor per node (one copy of a large model per node, all its threads). Requests
+    are fractional and leave RESERVE_CPUS for the driver and Ray Data, as whole-CPU actors
+    plus a Ray Data task deadlock on 2 CPUs. Without ray.cpus_per_worker, an actor never
+    asks for more CPUs than the smallest node with CPUs has: on a cluster of unequal nodes,
+    an actor that fits on no node would wait forever.
     """
     import ray
 
@@ -135,7 +137,7 @@ def plan_pool(cfg: Config) -> WorkerPlan:
              if n.get("Alive") and n.get("Resources", {}).get("CPU", 0) > 0]
     requested = cfg.ray.generation_actors
     if not use_gpu and requested is None:
-        if cfg.generator.kind == "ddpm":
+        if get_generator(cfg.generator.kind).one_actor_per_cpu:
             requested = max(1, int(free_cpu - RESERVE_CPUS + 0.5))
         else:
             requested = max(1, len(nodes))
@@ -169,67 +171,11 @@ class GeneratorMissing(UserError, FileNotFoundError):
     """The configured generator is not there (an untrained DDPM folder)."""
 
 
-def check_plugin(spec: str) -> None:
-    """Fail early, in the driver and before Ray starts, when generator.plugin cannot load:
-    a missing or unparsable .py file, or a module that is not installed. Runs none of the
-    plugin's code (a file is only compiled; a module is only looked up)."""
-    import importlib.util
-
-    target, _, attr = spec.rpartition(":")
-    if target.endswith(".py"):
-        path = Path(target).expanduser()
-        if not path.is_file():
-            raise ConfigError(f"generator.plugin: got {spec!r}, but {path} is not a file; "
-                              f"expected '/path/to/file.py:factory' or "
-                              f"'package.module:factory'.")
-        try:
-            compile(path.read_bytes(), str(path), "exec")
-        except (SyntaxError, ValueError) as exc:
-            raise ConfigError(f"generator.plugin: {path} is not valid Python ({exc}); fix "
-                              f"the file.") from None
-        return
-    try:
-        found = importlib.util.find_spec(target)
-    except (ImportError, ValueError) as exc:  # a parent package is missing or broken
-        found, why = None, f"{type(exc).__name__}: {exc}"
-    else:
-        why = "no such module"
-    if found is None:
-        raise ConfigError(f"generator.plugin: got {spec!r}, but module {target!r} cannot be "
-                          f"imported ({why}); install it on every Ray node, or give "
-                          f"'/path/to/file.py:{attr or 'factory'}'.")
-
-
-def check_generator(cfg: Config) -> None:
-    """The checks of the configured generator that need no model loading (see check_plugin)."""
-    if cfg.generator.kind == "plugin":
-        check_plugin(cfg.generator.plugin)
-
-
 def _resolved(cfg: Config) -> Config:
-    """Paths made absolute: actors may run elsewhere than the driver's folder."""
-    from aspkd_ray import storage
-    from aspkd_ray.generation.ddpm import is_ready
-    from aspkd_ray.generation.train_ddpm import generator_location
-
+    """The config as actors see it (they may run elsewhere than the driver's folder): the
+    kind's checks, then its paths made absolute (registry.py)."""
     check_generator(cfg)
-    g = cfg.generator
-    if g.kind == "ddpm":
-        # A URI stays a URI: each actor, on whatever node, downloads its own copy.
-        folder = generator_location(cfg)
-        if not storage.is_uri(folder):
-            folder = str(Path(folder).resolve())
-        if not is_ready(folder):
-            raise GeneratorMissing(f"no trained generator at {folder}; run `aspkd "
-                                   f"train-generator` with this config first.")
-        g = dataclasses.replace(g, model=folder)
-    elif g.kind == "diffusers" and Path(g.model).exists():
-        g = dataclasses.replace(g, model=str(Path(g.model).resolve()))
-    elif g.kind == "plugin":
-        target, _, attr = g.plugin.rpartition(":")
-        if target.endswith(".py"):
-            g = dataclasses.replace(g, plugin=f"{Path(target).resolve()}:{attr}")
-    return dataclasses.replace(cfg, generator=g)
+    return get_generator(cfg.generator.kind).resolve(cfg)
 
 
 class _Progress:
@@ -418,7 +364,7 @@ def generate_proxy_at(cfg: Config, proxy_dir: str | Path, *, shard_size: int | N
     run of a folder. `executor="local"` runs the same actor class in this process, without
     Ray (debugging, benchmarks).
     """
-    from aspkd_ray.victim.train import input_shape
+    from aspkd_ray.layout import input_shape
 
     if executor not in EXECUTORS:
         raise ValueError(f"executor: got {executor!r}; expected one of: {', '.join(EXECUTORS)}.")

@@ -8,9 +8,14 @@ tiny pipeline saved to a temporary folder, exactly as users pass a hub id.
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import torch
+
+from aspkd_ray.config import Config, ConfigError
+from aspkd_ray.generation.registry import Generator, GeneratorKind, register_generator
 
 log = logging.getLogger(__name__)
 
@@ -84,3 +89,31 @@ class DiffusersText2Image:
                         width=self.resolution, generator=gens, output_type="np")
         images = np.asarray(out.images, dtype=np.float32)
         return list((images.clip(0.0, 1.0) * 255.0).round().astype(np.uint8))
+
+
+@register_generator("diffusers")
+class DiffusersKind(GeneratorKind):
+    """generator.kind=diffusers: a text-to-image pipeline by hub id or local folder."""
+
+    def validate(self, cfg: Config) -> None:
+        if not cfg.generator.model:
+            raise ConfigError("generator.model: required when generator.kind is 'diffusers'; "
+                              "expected a hub id or a local pipeline folder.")
+
+    def resolve(self, cfg: Config) -> Config:
+        g = cfg.generator
+        if Path(g.model).exists():  # a local folder; a hub id stays as it is
+            return replace(cfg, generator=replace(g, model=str(Path(g.model).resolve())))
+        return cfg
+
+    def identity(self, cfg: Config) -> str:
+        # A local folder by its base name, so a moved copy keeps its sample ids.
+        model = cfg.generator.model
+        return model.rstrip("/").split("/")[-1] if Path(model).exists() else model
+
+    def build(self, cfg: Config, class_names: tuple[str, ...],
+              device: str | None = None) -> Generator:
+        g = cfg.generator
+        return DiffusersText2Image(g.model, scheduler=g.scheduler, steps=g.steps,
+                                   guidance_scale=g.guidance_scale, resolution=g.resolution,
+                                   dtype=g.dtype, device=device)

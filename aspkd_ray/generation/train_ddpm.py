@@ -26,8 +26,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from aspkd_ray import cache, storage
-from aspkd_ray.config import Config, config_hash
+from aspkd_ray import cache, console, storage
+from aspkd_ray.config import Config, ConfigError, config_hash
 from aspkd_ray.errors import UserError
 from aspkd_ray.generation.ddpm import (
     BETA_SCHEDULE,
@@ -39,6 +39,8 @@ from aspkd_ray.generation.ddpm import (
     read_info,
     train_scheduler,
 )
+from aspkd_ray.generation.registry import Generator, GeneratorKind, register_generator
+from aspkd_ray.storage import atomic_file
 
 log = logging.getLogger(__name__)
 
@@ -109,9 +111,8 @@ def _lr_factor(step: int, total: int) -> float:
 
 def _save_state(path: Path, state: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save({"format": STATE_FORMAT, **state}, tmp)
-    tmp.replace(path)  # atomic: an interruption never leaves half a checkpoint
+    with atomic_file(path) as tmp:  # an interruption never leaves half a checkpoint
+        torch.save({"format": STATE_FORMAT, **state}, tmp)
 
 
 def load_training_state(path: Path) -> dict:
@@ -141,6 +142,13 @@ def load_training_state(path: Path) -> dict:
     return state
 
 
+def check_trainable(cfg: Config) -> None:
+    """Only the embedded class-conditional DDPM is trained here (ConfigError otherwise)."""
+    if cfg.generator.kind != "ddpm":
+        raise ConfigError(f"generator.kind: got {cfg.generator.kind!r}; train-generator trains "
+                          f"the embedded class-conditional DDPM (generator.kind=ddpm) only.")
+
+
 def train_generator(cfg: Config, progress: bool = True, *,
                     max_steps: int | None = None) -> Path:
     """Train (or resume training) the class-conditional DDPM; return its diffusers folder.
@@ -148,9 +156,7 @@ def train_generator(cfg: Config, progress: bool = True, *,
     `max_steps` stops after that many steps in this call (time-sliced or preemptible
     training); the next call resumes from the checkpoint it leaves.
     """
-    if cfg.generator.kind != "ddpm":
-        raise ValueError(f"generator.kind: got {cfg.generator.kind!r}; train-generator trains "
-                         f"the embedded class-conditional DDPM (generator.kind=ddpm) only.")
+    check_trainable(cfg)
     if max_steps is not None and max_steps < 1:
         raise ValueError(f"max_steps: got {max_steps}; expected a positive integer or None.")
     location = generator_location(cfg)
@@ -202,40 +208,48 @@ def train_generator(cfg: Config, progress: bool = True, *,
     num_train = int(noise_sched.config.num_train_timesteps)
     stop = tcfg.steps if max_steps is None else min(tcfg.steps, step + max_steps)
     window: list[float] = []
-    while step < stop:
-        idx = torch.randint(0, len(x), (tcfg.batch_size,), generator=rng)
-        clean, labels = x[idx].to(device), y[idx].to(device)
-        noise = torch.randn(clean.shape, generator=rng).to(device)
-        t = torch.randint(0, num_train, (len(idx),), generator=rng).to(device)
-        noisy = noise_sched.add_noise(clean, noise, t)
-        for group in opt.param_groups:
-            group["lr"] = tcfg.lr * _lr_factor(step, tcfg.steps)
-        target = noise_sched.get_velocity(clean, noise, t)
-        loss = F.mse_loss(unet(noisy, t, class_labels=labels).sample, target)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        opt.step()
-        decay = min(EMA_DECAY, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for k, v in unet.state_dict().items():
-                if v.dtype.is_floating_point:
-                    ema[k].mul_(decay).add_(v.detach(), alpha=1 - decay)
-                else:
-                    ema[k].copy_(v)
-        step += 1
-        window.append(loss.item())
-        if step % LOG_EVERY == 0 or step == stop:
-            mean = sum(window) / len(window)
-            losses.append([step, mean])
-            window = []
-            if progress:
-                log.info("generator step %d/%d loss %.4f (%.2f s/step)", step, tcfg.steps,
-                         mean, (time.time() - t0) / (step - first))
-            if mlflow is not None:
-                mlflow.log_metric("generator_loss", mean, step=step)
-        if step % tcfg.checkpoint_every == 0 and step < tcfg.steps:
-            checkpoint()
+    # the longest cold stage: a bar on the console (the log keeps the loss lines)
+    bar = console.progress("generator", tcfg.steps, "steps", initial=step) if progress else None
+    try:
+        while step < stop:
+            idx = torch.randint(0, len(x), (tcfg.batch_size,), generator=rng)
+            clean, labels = x[idx].to(device), y[idx].to(device)
+            noise = torch.randn(clean.shape, generator=rng).to(device)
+            t = torch.randint(0, num_train, (len(idx),), generator=rng).to(device)
+            noisy = noise_sched.add_noise(clean, noise, t)
+            for group in opt.param_groups:
+                group["lr"] = tcfg.lr * _lr_factor(step, tcfg.steps)
+            target = noise_sched.get_velocity(clean, noise, t)
+            loss = F.mse_loss(unet(noisy, t, class_labels=labels).sample, target)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+            opt.step()
+            decay = min(EMA_DECAY, (1 + step) / (10 + step))
+            with torch.no_grad():
+                for k, v in unet.state_dict().items():
+                    if v.dtype.is_floating_point:
+                        ema[k].mul_(decay).add_(v.detach(), alpha=1 - decay)
+                    else:
+                        ema[k].copy_(v)
+            step += 1
+            if bar:
+                bar.advance()
+            window.append(loss.item())
+            if step % LOG_EVERY == 0 or step == stop:
+                mean = sum(window) / len(window)
+                losses.append([step, mean])
+                window = []
+                if progress:
+                    log.info("generator step %d/%d loss %.4f (%.2f s/step)", step, tcfg.steps,
+                             mean, (time.time() - t0) / (step - first))
+                if mlflow is not None:
+                    mlflow.log_metric("generator_loss", mean, step=step)
+            if step % tcfg.checkpoint_every == 0 and step < tcfg.steps:
+                checkpoint()
+    finally:
+        if bar:
+            bar.close()
 
     if step < tcfg.steps:  # stopped early by max_steps: leave a checkpoint to resume from
         checkpoint()
@@ -286,6 +300,51 @@ def ensure_generator(cfg: Config) -> Path:
     return train_generator(cfg)
 
 
-__all__ = ["GENERATOR_SEED", "TrainingStateError", "ensure_generator", "generator_dir",
-           "generator_location",
-           "load_training_state", "read_info", "train_generator"]
+@register_generator("ddpm")
+class DDPMKind(GeneratorKind):
+    """generator.kind=ddpm: the embedded class-conditional DDPM, trained here when missing."""
+
+    # ~1 M parameters at 16 x 16: several single-threaded actors beat one multi-threaded one.
+    one_actor_per_cpu = True
+
+    def prepare(self, cfg: Config) -> None:
+        ensure_generator(cfg)
+
+    def resolve(self, cfg: Config) -> Config:
+        from dataclasses import replace
+
+        from aspkd_ray.generation.ray_generate import GeneratorMissing
+
+        # A URI stays a URI: each actor, on whatever node, downloads its own copy.
+        folder = generator_location(cfg)
+        if not storage.is_uri(folder):
+            folder = str(Path(folder).resolve())
+        if not is_ready(folder):
+            raise GeneratorMissing(f"no trained generator at {folder}; run `aspkd "
+                                   f"train-generator` with this config first.")
+        return replace(cfg, generator=replace(cfg.generator, model=folder))
+
+    def identity(self, cfg: Config) -> str:
+        # The folder's base name (keyed by the training settings), the same for a local
+        # cache and its mirror of a URI.
+        return generator_dir(cfg).name
+
+    def build(self, cfg: Config, class_names: tuple[str, ...],
+              device: str | None = None) -> Generator:
+        from aspkd_ray.generation.ddpm import DDPMGenerator
+        from aspkd_ray.generation.text2image import DTYPES
+
+        g = cfg.generator
+        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        dtype = DTYPES[g.dtype] if dev.type == "cuda" else torch.float32
+        gen = DDPMGenerator(generator_dir(cfg), scheduler=g.scheduler, steps=g.steps,
+                            device=str(dev), dtype=dtype)
+        if gen.num_classes != len(class_names):
+            raise ValueError(f"the generator at {generator_dir(cfg)} has {gen.num_classes} "
+                             f"classes; the data set has {len(class_names)}.")
+        return gen
+
+
+__all__ = ["GENERATOR_SEED", "DDPMKind", "TrainingStateError", "ensure_generator",
+           "generator_dir", "generator_location", "load_training_state", "read_info",
+           "train_generator"]

@@ -10,6 +10,8 @@ import json
 import logging
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -17,11 +19,11 @@ import torch
 
 from aspkd_ray import storage
 from aspkd_ray.aspkd.rounds import RoundSettings
-from aspkd_ray.config import Config, ConfigError, num_rounds, to_dict, total_budget
-from aspkd_ray.datasets import get_spec, load_victim_data, to_tensor
+from aspkd_ray.config import Config, ConfigError, to_dict, total_budget
+from aspkd_ray.datasets import get_spec
 from aspkd_ray.errors import UserError
-from aspkd_ray.layout import run_layout
-from aspkd_ray.victim.train import VictimMissing, input_shape, victim_location, victim_ready
+from aspkd_ray.layout import input_shape, run_layout, victim_location
+from aspkd_ray.victim.train import VictimMissing, victim_ready
 
 log = logging.getLogger(__name__)
 
@@ -184,7 +186,7 @@ def preflight(cfg: Config, *, train_victim: bool = False,
     """Every check that needs no Ray and no model, before anything is generated, trained or
     charged: budget against the pool, the victim (checkpoint or endpoint), the generator
     plugin, an existing ledger. Raises a UserError (one line on the command line)."""
-    from aspkd_ray.generation.ray_generate import check_generator
+    from aspkd_ray.generation.registry import check_generator
     from aspkd_ray.generation.store import check_files
     from aspkd_ray.teacher.preflight import check_endpoint
 
@@ -207,35 +209,26 @@ def preflight(cfg: Config, *, train_victim: bool = False,
 def ensure_proxy(cfg: Config) -> str:
     """The proxy set's location (run_layout(cfg).proxy): generated (or resumed) unless a
     complete one is there."""
-    from aspkd_ray.generation import ensure_generator
     from aspkd_ray.generation.ray_generate import generate_proxy_at
+    from aspkd_ray.generation.registry import prepare_generator
 
     proxy = run_layout(cfg).proxy
     if not _proxy_complete(proxy):
-        if cfg.generator.kind == "ddpm":
-            ensure_generator(cfg)
+        prepare_generator(cfg)  # the kind's own first step (ddpm: train it if missing)
         generate_proxy_at(cfg, proxy)
     return proxy
 
 
-def round_settings(cfg: Config, num_classes: int, budget: int, flip: bool) -> RoundSettings:
-    a = cfg.aspkd
-    return RoundSettings(
-        num_classes=num_classes, budget=budget, rounds=num_rounds(cfg, num_classes),
-        output=cfg.victim.output, training=cfg.training, active=a.active,
-        self_paced=a.self_paced, sigma=a.sigma, sigma_mode=a.sigma_mode, k=a.k,
-        distance=a.distance, generation_class_filter=a.generation_class_filter,
-        centroids=a.centroids, flip=flip, seed=cfg.seed,
-        prompt_only=a.baseline == "prompt_only",
-        pretrain=cfg.student.pretrain == "proxy_prompts",
-        prior_correction=a.prior_correction)
+class Stopwatch(dict):
+    """Seconds per stage: `with times("attack"): ...`."""
 
-
-def _pick_bought_val(classes: np.ndarray, per_class: int, seed: int) -> np.ndarray:
-    rng = np.random.default_rng([seed, 7])
-    picks = [rng.permutation(np.flatnonzero(classes == c))[:per_class]
-             for c in np.unique(classes)]
-    return np.sort(np.concatenate(picks))
+    @contextmanager
+    def __call__(self, stage: str) -> Iterator[None]:
+        t = time.time()
+        try:
+            yield
+        finally:
+            self[stage] = round(time.time() - t, 1)
 
 
 def run_steal(cfg: Config, *, trial: str | None = None,
@@ -249,174 +242,161 @@ def run_steal(cfg: Config, *, trial: str | None = None,
     """
     import mlflow
 
-    from aspkd_ray.evaluation.oracle import EvaluationOracle
-    from aspkd_ray.evaluation.report import agreement, confusion, plot_attack
+    from aspkd_ray.evaluation.rounds import evaluate_rounds
     from aspkd_ray.pool import open_pool
-    from aspkd_ray.runtime import connect
-    from aspkd_ray.teacher import connect_teacher_service
-    from aspkd_ray.teacher.service import service_gpus
     from aspkd_ray.tracking import mlflow_run
-    from aspkd_ray.train.attack import AttackJob, load_round, run_attack
+    from aspkd_ray.train.attack import run_attack
 
     lay = run_layout(cfg)
+    preflight(cfg, train_victim=train_victim, service_budget=service_budget, trial=trial)
+    times, t_all = Stopwatch(), time.time()
+    _start(cfg, lay)
+    with times("victim"):
+        ensure_victim(cfg, train=train_victim)
+    with times("proxy"):
+        proxy = open_pool(cfg, ensure_proxy(cfg), *input_shape(cfg))
+    num_classes = len(proxy.class_names) or get_spec(cfg.dataset.name).num_classes
+    n = check_budget(cfg, num_classes, len(proxy.train))  # the set as loaded
+    with mlflow_run(cfg, f"steal-{cfg.dataset.name}", tags={"stage": "steal"}) as run:
+        mlflow.log_dict(to_dict(cfg), "config.json")
+        with times("attack"):
+            teacher = _teacher(cfg, num_classes, service_budget or n, lay.ledger, trial)
+            rounds = run_attack(_attack_job(cfg, proxy, num_classes, n, service_budget,
+                                            lay.ledger, trial), lay.train)
+        # Evaluation: the experimenter's oracle, only now, and never handed to the attack.
+        with times("evaluation"):
+            evaluation = evaluate_rounds(cfg, rounds, proxy, num_classes)
+        calls_used = _calls_used(teacher, trial)
+        times["total"] = round(time.time() - t_all, 1)
+        summary = build_summary(cfg, evaluation, n, num_classes, calls_used, proxy.mode,
+                                times, run.info.run_id, lay.root)
+        publish(summary, evaluation, proxy.class_names, num_classes, lay)
+    return summary
+
+
+def _start(cfg: Config, lay) -> None:
+    """The output folder (local roots), Ray, and the checks that need Ray."""
+    from aspkd_ray.runtime import connect
+    from aspkd_ray.teacher.service import service_gpus
+
     if not storage.is_uri(lay.root):
         out = Path(lay.root)
         if out.exists() and not out.is_dir():
             raise ConfigError(f"storage root {out} is a file; expected a folder (new or a "
                               f"run's).")
-    preflight(cfg, train_victim=train_victim, service_budget=service_budget, trial=trial)
-    if not storage.is_uri(lay.root):
-        Path(lay.root).mkdir(parents=True, exist_ok=True)
-    spec = get_spec(cfg.dataset.name)
-    size, chans = input_shape(cfg)
-    times: dict[str, float] = {}
-    t_all = time.time()
+        out.mkdir(parents=True, exist_ok=True)
     connect(cfg.ray.address, cfg.ray.namespace)
     if cfg.aspkd.baseline != "prompt_only":
         service_gpus(cfg)  # victim.device=cuda on a cluster without a GPU fails here
 
-    t = time.time()
-    ensure_victim(cfg, train=train_victim)
-    times["victim"] = time.time() - t
-    t = time.time()
-    proxy = open_pool(cfg, ensure_proxy(cfg), size, chans)
-    times["proxy"] = time.time() - t
-    num_classes = len(proxy.class_names) or spec.num_classes
-    n = check_budget(cfg, num_classes, len(proxy.train))  # the set as loaded
 
-    tr, va, pool = proxy.train, proxy.val, proxy.pool
-    ledger = lay.ledger
-    prompt_only = cfg.aspkd.baseline == "prompt_only"
+def _teacher(cfg: Config, num_classes: int, budget: int, ledger: str, trial: str | None):
+    """The teacher service (created, with its ledger, if not running); None for the
+    prompt-only baseline, which never calls it."""
+    from aspkd_ray.teacher import connect_teacher_service
 
-    with mlflow_run(cfg, f"steal-{cfg.dataset.name}", tags={"stage": "steal"}) as run:
-        mlflow.log_dict(to_dict(cfg), "config.json")
-        t = time.time()
-        val_labels = None
-        pool_budget = 0 if prompt_only else n
-        if not prompt_only:
-            teacher = connect_teacher_service(cfg, num_classes, budget=service_budget or n,
-                                              ledger_uri=ledger, trial=trial)
-            if cfg.training.early_stopping == "bought_val":
-                # A teacher-labelled validation subset is paid for like any other label.
-                vb = _pick_bought_val(pool.classes_val, cfg.training.bought_val_per_class,
-                                      cfg.seed)
-                answers = teacher.buy([proxy.ids[va[i]] for i in vb], pool.classes_val[vb],
-                                      proxy.read(va[vb]))
-                pool.keep_val(vb)
-                val_labels = answers if answers.ndim == 1 else answers.argmax(1)
-                pool_budget = n - len(vb)
-        settings = round_settings(cfg, num_classes, pool_budget, spec.horizontal_flip)
-        memory = proxy.mode == "memory"
-        job = AttackJob(cfg=cfg, settings=settings, pool=_put(pool) if memory else pool,
-                        ids=[str(i) for i in proxy.ids[tr]],
-                        images_ref=_put(proxy.read(tr)) if memory else None,
-                        input_shape=(size, chans), num_classes=num_classes,
-                        budget_total=service_budget or n, ledger_uri=ledger,
-                        val_labels=val_labels, trial=trial)
-        rounds = run_attack(job, lay.train)
-        times["attack"] = time.time() - t
-
-        # Evaluation: the experimenter's oracle, only now, and never handed to the attack.
-        t = time.time()
-        oracle = EvaluationOracle(cfg)
-        test = load_victim_data(cfg.dataset.name, "test", cfg.dataset.root,
-                                cfg.dataset.download, size)
-        x_test = to_tensor(test.images, size, chans)
-        victim_test = oracle.predict_classes(test.images)
-        student = _student_like(cfg, num_classes, chans, size)
-        by_round, pseudo_agree, final_classes, state = [], [], None, None
-        for checkpoint, metrics in rounds:
-            state, weights = load_round(checkpoint)
-            student.load_state_dict(weights)
-            with torch.no_grad():
-                final_classes = _predict(student, x_test)
-            row = {"round": state.round - 1, "agreement": agreement(final_classes, victim_test),
-                   "calls_used": int(len(state.bought_idx)) + (0 if val_labels is None
-                                                               else len(val_labels)),
-                   **{k: v for k, v in metrics.items() if k not in ("round", "round_done")}}
-            by_round.append(row)
-            mlflow.log_metrics({"agreement": row["agreement"],
-                                "calls_used": row["calls_used"],
-                                **{k: float(v) for k, v in metrics.items()
-                                   if isinstance(v, (int, float))}}, step=row["round"])
-        # The victim's view of the pseudo-labelled images only (streamed in chunks).
-        pseudo = state.pseudo if state else []
-        asked = np.unique(np.concatenate([p["idx"] for p in pseudo])) if pseudo else []
-        victim_pool = np.full(len(tr), -1, np.int64)
-        if len(asked):
-            victim_pool[asked] = proxy.read_chunked(tr[asked], oracle.predict_classes,
-                                                    size, chans)
-        for p in pseudo:
-            pseudo_agree.append(agreement(p["classes"], victim_pool[p["idx"]])
-                                if len(p["idx"]) else float("nan"))
-        times["evaluation"] = time.time() - t
-
-        calls_used = 0
-        if not prompt_only:
-            status = teacher.status()
-            calls_used = (status["trial_spent"].get(trial, 0) if trial is not None
-                          else status["spent"])
-            if trial is None:
-                teacher.shutdown()  # frees the name; the ledger keeps what was bought
-        final = by_round[-1]["agreement"] if by_round else float("nan")
-        filter_rates = [r.get("filter_rate") for r in by_round if "filter_rate" in r]
-        summary = {
-            "dataset": cfg.dataset.name,
-            "agreement": final,
-            "agreement_by_round": [r["agreement"] for r in by_round],
-            "calls_used": int(calls_used),
-            "budget": n,
-            "calls_per_class": n / num_classes,
-            "rounds": by_round,
-            "pseudo_label_filter_rate": filter_rates[-1] if filter_rates else None,
-            "pseudo_label_filter_rate_by_round": filter_rates,
-            "pseudo_label_agreement": pseudo_agree[-1] if pseudo_agree else None,
-            "pseudo_label_agreement_by_round": pseudo_agree,
-            "victim_output": cfg.victim.output,
-            "pool_mode": proxy.mode,
-            "student_pretrain": cfg.student.pretrain,
-            "pretrain": state.pretrain if state else None,
-            "method": ("prompt_only" if prompt_only else
-                       {(True, True): "aspkd", (False, False): "vanilla",
-                        (True, False): "active", (False, True): "self_paced"}[
-                           (cfg.aspkd.active, cfg.aspkd.self_paced)]),
-            "wall_time_s": {k: round(v, 1) for k, v in times.items()},
-            "mlflow_run_id": run.info.run_id,
-            "mlflow_uri": mlflow.get_tracking_uri(),
-            "output_dir": lay.root,
-        }
-        summary["wall_time_s"]["total"] = round(time.time() - t_all, 1)
-        mlflow.log_metric("agreement_final", final)
-        mlflow.log_metric("pseudo_label_agreement", summary["pseudo_label_agreement"] or 0.0)
-        with tempfile.TemporaryDirectory(prefix="aspkd-report-") as tmp:
-            plot_attack(summary, Path(tmp) / "agreement.png",
-                               confusion(final_classes, victim_test, num_classes)
-                               if final_classes is not None else None, proxy.class_names)
-            (Path(tmp) / "summary.json").write_text(json.dumps(summary, indent=2))
-            for name, target in (("summary.json", lay.summary), ("agreement.png", lay.plot)):
-                storage.write_bytes(*storage.resolve(target), (Path(tmp) / name).read_bytes())
-                mlflow.log_artifact(str(Path(tmp) / name))
-        _log_student(student, x_test[:4])
-    return summary
+    if cfg.aspkd.baseline == "prompt_only":
+        return None
+    return connect_teacher_service(cfg, num_classes, budget=budget, ledger_uri=ledger,
+                                   trial=trial)
 
 
-def _put(obj):
+def _calls_used(teacher, trial: str | None) -> int:
+    """Calls charged to this attack (this trial's, in a sweep); a standalone run then stops
+    its service (the ledger keeps what was bought)."""
+    if teacher is None:
+        return 0
+    status = teacher.status()
+    if trial is not None:
+        return int(status["trial_spent"].get(trial, 0))
+    teacher.shutdown()
+    return int(status["spent"])
+
+
+def _attack_job(cfg: Config, proxy, num_classes: int, n: int, service_budget: int | None,
+                ledger: str, trial: str | None):
+    """What every Ray Train worker of the attack gets."""
     import ray
 
-    return ray.put(obj)
+    from aspkd_ray.train.attack import AttackJob
+
+    prompt_only = cfg.aspkd.baseline == "prompt_only"
+    settings = RoundSettings.from_config(cfg, num_classes, 0 if prompt_only else n)
+    memory = proxy.mode == "memory"
+    return AttackJob(
+        cfg=cfg, settings=settings, pool=ray.put(proxy.pool) if memory else proxy.pool,
+        ids=[str(i) for i in proxy.ids], classes=proxy.classes, train=proxy.train,
+        val=proxy.val, images_ref=ray.put(proxy.read(np.arange(len(proxy.ids))))
+        if memory else None, input_shape=input_shape(cfg), num_classes=num_classes,
+        budget_total=service_budget or n, ledger_uri=ledger, trial=trial)
 
 
-def _student_like(cfg: Config, num_classes: int, chans: int, size: int) -> torch.nn.Module:
-    from aspkd_ray.models import create_model
+def build_summary(cfg: Config, ev, n: int, num_classes: int, calls_used: int,
+                  pool_mode: str, times: dict, run_id: str, root: str) -> dict:
+    """summary.json: the attack's results, per round and final."""
+    import mlflow
 
-    return create_model(cfg.student.architecture, num_classes=num_classes, in_chans=chans,
-                        image_size=size).eval()
+
+    by_round = ev.rounds
+    filter_rates = [r.get("filter_rate") for r in by_round if "filter_rate" in r]
+    pseudo = ev.pseudo_label_agreement
+    return {
+        "dataset": cfg.dataset.name,
+        "agreement": by_round[-1]["agreement"] if by_round else float("nan"),
+        "agreement_by_round": [r["agreement"] for r in by_round],
+        "calls_used": int(calls_used),
+        "budget": n,
+        "calls_per_class": n / num_classes,
+        "rounds": by_round,
+        "pseudo_label_filter_rate": filter_rates[-1] if filter_rates else None,
+        "pseudo_label_filter_rate_by_round": filter_rates,
+        "pseudo_label_agreement": pseudo[-1] if pseudo else None,
+        "pseudo_label_agreement_by_round": pseudo,
+        "victim_output": cfg.victim.output,
+        "pool_mode": pool_mode,
+        "student_pretrain": cfg.student.pretrain,
+        "pretrain": ev.state.pretrain if ev.state else None,
+        "method": method_name(RoundSettings.from_config(cfg, num_classes, n)),
+        "wall_time_s": dict(times),
+        "mlflow_run_id": run_id,
+        "mlflow_uri": mlflow.get_tracking_uri(),
+        "output_dir": root,
+    }
 
 
-def _predict(model: torch.nn.Module, x: torch.Tensor) -> np.ndarray:
-    from aspkd_ray.aspkd.distill import predict_logits
+def method_name(s) -> str:
+    """The method as the paper's ablation names it (Table 3), or the strategy's name."""
+    if s.prompt_only:
+        return "prompt_only"
+    paper = {("paper", True): "aspkd", ("random", False): "vanilla",
+             ("paper", False): "active", ("random", True): "self_paced"}
+    key = (s.aspkd.selection, s.aspkd.self_paced)
+    return paper.get(key, s.aspkd.selection + ("+self_paced" if s.aspkd.self_paced else ""))
 
-    return predict_logits(model, x).argmax(1).numpy()
+
+def publish(summary: dict, ev, class_names, num_classes: int, lay) -> None:
+    """summary.json and agreement.png under the storage root, and everything in MLflow
+    (per-round metrics, the plot, the summary, the student as an MLflow model)."""
+    import mlflow
+
+    from aspkd_ray.evaluation.report import confusion, plot_attack
+
+    for row in summary["rounds"]:
+        mlflow.log_metrics({k: float(v) for k, v in row.items()
+                            if isinstance(v, (int, float)) and k != "round"},
+                           step=row["round"])
+    mlflow.log_metric("agreement_final", summary["agreement"])
+    mlflow.log_metric("pseudo_label_agreement", summary["pseudo_label_agreement"] or 0.0)
+    conf = (confusion(ev.final_classes, ev.victim_test, num_classes)
+            if ev.final_classes is not None else None)
+    with tempfile.TemporaryDirectory(prefix="aspkd-report-") as tmp:
+        plot_attack(summary, Path(tmp) / "agreement.png", conf, class_names)
+        (Path(tmp) / "summary.json").write_text(json.dumps(summary, indent=2))
+        for name, target in (("summary.json", lay.summary), ("agreement.png", lay.plot)):
+            storage.write_bytes(*storage.resolve(target), (Path(tmp) / name).read_bytes())
+            mlflow.log_artifact(str(Path(tmp) / name))
+    if ev.student is not None:
+        _log_student(ev.student, ev.example)
 
 
 def _log_student(student: torch.nn.Module, example: torch.Tensor) -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from aspkd_ray.models.zoo import ZooModel, create_model
+from aspkd_ray.storage import atomic_file
 
 WEIGHTS = "model.safetensors"
 ARCH = "model.json"
@@ -20,9 +21,8 @@ def save_checkpoint(model: ZooModel, folder: str | Path, extra: dict | None = No
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    tmp = folder / (WEIGHTS + ".tmp")
-    save_file(state, str(tmp))
-    tmp.replace(folder / WEIGHTS)  # atomic: a crash never leaves half a checkpoint
+    with atomic_file(folder / WEIGHTS) as tmp:  # a crash never leaves half a checkpoint
+        save_file(state, tmp)
     (folder / ARCH).write_text(json.dumps({**model.arch, **(extra or {})}, indent=2))
     return folder
 

@@ -105,10 +105,6 @@ class StreamedPool:
         """Keep only these validation images (the ones whose labels were bought)."""
         self.val_rows, self._val = self.val_rows[keep], None
 
-    def images(self, idx: np.ndarray) -> np.ndarray:
-        """uint8 images of train ids `idx` as stored (what the teacher is sent)."""
-        return self._read(self.train_rows[idx])
-
     # -- whole-pool passes ------------------------------------------------------------------
 
     def embed(self, model: nn.Module) -> np.ndarray:

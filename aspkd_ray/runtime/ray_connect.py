@@ -13,6 +13,8 @@ import os
 import sys
 import threading
 
+from aspkd_ray import console
+
 log = logging.getLogger(__name__)
 
 # Every worker process of our jobs runs this first (ray.init's worker_process_setup_hook).
@@ -24,6 +26,9 @@ _CALLBACK_LOGGER = "ray.train.v2._internal.callbacks.placement_group_callback"
 _CLEANER_NOISE = ("Failed to query Ray Train Controller actor state",
                   "Failed to stop PlacementGroupCleaner gracefully")
 _CLEANER_THREAD = "PlacementGroupCleanerMonitor"
+# How this process's Ray was reached: "embedded" or "cluster" when connect() started it,
+# "existing" when the process had already called ray.init (a test session, a script).
+_MODE = ["existing"]
 
 
 def connect(address: str | None = None, namespace: str = "aspkd",
@@ -41,16 +46,67 @@ def connect(address: str | None = None, namespace: str = "aspkd",
         mode = "embedded" if address == "local" else "cluster"
         sync_auth_mode()
         quiet_train_cleaner()
-        runtime_env = {"worker_process_setup_hook": WORKER_SETUP_HOOK}
+        # Unless --verbose: workers' output (Ray Train, Ray Data actors, the teacher service)
+        # stays in the session's log files, and the driver's "ray" logger says only warnings.
+        loud = console.verbose()
+        common = {"namespace": namespace, "log_to_driver": loud,
+                  "logging_level": logging.INFO if loud else logging.WARNING,
+                  "runtime_env": {"worker_process_setup_hook": WORKER_SETUP_HOOK}}
         if mode == "embedded":
-            ray.init(address="local", namespace=namespace, num_cpus=num_cpus,
-                     include_dashboard=False, log_to_driver=True,
-                     object_store_memory=_object_store_bytes(), runtime_env=runtime_env)
+            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
+                     object_store_memory=_object_store_bytes(), **common)
         else:
-            ray.init(address=address, namespace=namespace, log_to_driver=True,
-                     runtime_env=runtime_env)
-        log.info("Ray %s (%s)", mode, ray.get_runtime_context().gcs_address)
-    return describe()
+            ray.init(address=address, **common)
+        _MODE[0] = mode
+        logs = _session_logs()
+        if logs is not None:
+            console.log_to_folder(logs)
+        quiet_ray_console()
+        log.info("Ray %s (%s); logs in %s", mode, ray.get_runtime_context().gcs_address, logs)
+    return {"mode": _MODE[0], **describe()}
+
+
+def _session_logs() -> str | None:
+    """This node's Ray session log folder (where Ray writes every process's logs)."""
+    import ray
+
+    try:  # private, but the only way to the folder; Ray Data and Train use it the same way
+        return ray._private.worker._global_node.get_logs_dir_path()
+    except AttributeError as exc:  # another Ray version, or no local node
+        log.warning("cannot find Ray's session log folder (%s); the driver log stays in "
+                    "memory and --verbose shows logs on the console", exc)
+        return None
+
+
+class _RayConsole(logging.Filter):
+    """On Ray's own console handlers: unless --verbose, only warnings and errors, and not
+    the ones that are about our settings rather than the run."""
+
+    NOISE = ("Progress bars disabled",  # we turned them off (quiet_ray_console)
+             *_CLEANER_NOISE)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if console.verbose():
+            return True
+        return record.levelno >= logging.WARNING and \
+            not any(n in record.getMessage() for n in self.NOISE)
+
+
+def quiet_ray_console() -> None:
+    """Ray's driver-side output follows the console level (aspkd_ray.console): Ray Data's
+    progress bars and its progress dumps every few seconds (off a terminal) only with
+    --verbose; Ray's and Ray Data's console handlers show warnings only. Their log files
+    (the session's ray-data.log and the rest) keep everything. Idempotent; the filter reads
+    the level when a record comes, so a later `console.configure` still applies."""
+    import ray.data  # configures the "ray.data" logger (its handlers replace earlier ones)
+
+    ray.data.DataContext.get_current().enable_progress_bars = console.verbose()
+    for name in ("ray", "ray.data"):
+        for handler in logging.getLogger(name).handlers:
+            if isinstance(handler, logging.StreamHandler) and \
+                    not isinstance(handler, logging.FileHandler) and \
+                    not any(isinstance(f, _RayConsole) for f in handler.filters):
+                handler.addFilter(_RayConsole())
 
 
 def local_head_address() -> str | None:

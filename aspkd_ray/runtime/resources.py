@@ -50,7 +50,9 @@ def autoscaler_max_resources() -> dict[str, float] | None:
         from ray._private import state
 
         return state.state.get_max_resources_from_cluster_config() or None
-    except Exception:  # noqa: BLE001 - no such API in this Ray, or no GCS: no hint
+    except (ImportError, AttributeError, RuntimeError, ConnectionError) as exc:
+        # no such API in this Ray, or no GCS to ask: no hint, said in the debug log
+        log.debug("no autoscaler limits from Ray (%s: %s)", type(exc).__name__, exc)
         return None
 
 

@@ -31,7 +31,7 @@ from typing import Any
 
 import yaml
 
-from aspkd_ray import storage
+from aspkd_ray import console, storage
 from aspkd_ray.config import Config, ConfigError, from_dict, total_budget
 from aspkd_ray.layout import join, run_layout
 from aspkd_ray.runtime.resources import alive_nodes, largest_fitting_cpus
@@ -214,7 +214,9 @@ def run_sweep(spec: SweepSpec, output_dir: str | Path) -> list[dict]:
                                     max_concurrent_trials=concurrent),
         run_config=tune.RunConfig(name="sweep", storage_path=tune_path,
                                   storage_filesystem=None if storage.is_local(tune_fs)
-                                  else tune_fs),
+                                  else tune_fs,
+                                  # Tune's trial tables print from the driver: -v only
+                                  verbose=None if console.verbose() else 0),
     )
     results = tuner.fit()
     rows = []

@@ -1,9 +1,16 @@
-"""A victim behind an HTTP inference API: MLflow scoring or Open Inference Protocol v2.
+"""A victim behind an HTTP inference API, spoken by a registered protocol (`victim.protocol`).
 
-- MLflow (`mlflow models serve`, Databricks, SageMaker MLflow containers): POST /invocations
+- mlflow (`mlflow models serve`, Databricks, SageMaker MLflow containers): POST /invocations
   with {"inputs": N x C x H x W floats}; the answer is {"predictions": ...}.
 - v2 (KServe, Triton, MLServer): POST /v2/models/<name>/infer with one FP32 input tensor;
   the answer's first output tensor is used.
+
+A protocol is a `Protocol` subclass registered with `@register_protocol("name")`: the URL path
+appended to an endpoint given without one, the headers, how a float batch becomes a JSON
+request body and how the JSON answer becomes an array, and its config checks. A new protocol
+is one such class in this module (config validation lists the registry, so it must be
+registered once this module is imported). Transport, retries, rate limit and credentials are
+`HttpVictim`'s, the same for every protocol.
 
 Timeouts; bounded retries by urllib3's `Retry` mounted on the requests session (timeouts,
 connection errors, 429, 500, 502, 503, 504; exponential backoff with jitter, a server's
@@ -32,6 +39,9 @@ from urllib3.util.retry import RequestHistory, Retry
 if TYPE_CHECKING:
     from urllib3.response import BaseHTTPResponse
 
+    from aspkd_ray.config import Config
+
+from aspkd_ray.registry import Registry
 from aspkd_ray.teacher.checks import check_answer
 from aspkd_ray.teacher.errors import InvalidAnswer
 from aspkd_ray.teacher.redact import redact
@@ -153,6 +163,126 @@ class TokenBucket:
             return wait
 
 
+# ---- protocols: victim.protocol names one ---------------------------------------------
+
+# Makes text from the endpoint safe to quote in an error: (text, max length) -> str. The
+# victim passes its redacting one; a protocol never quotes an answer without it.
+Clean = Callable[[object, int | None], str]
+
+
+def _cut(text: object, limit: int | None = None) -> str:
+    out = str(text)
+    return out if limit is None or len(out) <= limit else out[:limit] + "..."
+
+
+class Protocol:
+    """How one HTTP inference API is spoken. Bodies are JSON both ways (sent with
+    `requests`' json=, answers parsed with .json() before `decode`)."""
+
+    def validate(self, cfg: Config) -> None:
+        """Config-load checks of what this protocol needs; raise ConfigError naming the key."""
+
+    def path(self, model_name: str | None) -> str:
+        """The path appended to an endpoint given as scheme://host[:port] only."""
+        raise NotImplementedError
+
+    def headers(self) -> dict[str, str]:
+        """Headers of every request (the victim adds Authorization itself)."""
+        return {"Content-Type": "application/json"}
+
+    def encode(self, batch: np.ndarray, *, input_name: str = "input") -> object:
+        """float32 N x C x H x W -> the JSON request body."""
+        raise NotImplementedError
+
+    def decode(self, body: object, *, output: str, clean: Clean = _cut) -> np.ndarray:
+        """The JSON answer -> an array (soft: N x C scores; hard: N class ids, or N x C
+        scores that the victim reduces); raise InvalidAnswer when it is malformed."""
+        raise NotImplementedError
+
+
+PROTOCOLS: Registry[Protocol] = Registry("victim.protocol", instantiate=True)
+register_protocol = PROTOCOLS.register   # @register_protocol("name") on a Protocol class
+list_protocols = PROTOCOLS.names
+get_protocol = PROTOCOLS.get
+
+
+def _json_object(body: object) -> dict:
+    if not isinstance(body, dict):
+        raise InvalidAnswer(f"victim answered a {type(body).__name__}, not a JSON object.")
+    return body
+
+
+@register_protocol("mlflow")
+class MlflowProtocol(Protocol):
+    """MLflow scoring: POST /invocations {"inputs": [...]} -> {"predictions": ...}."""
+
+    def path(self, model_name: str | None) -> str:
+        return "/invocations"
+
+    def encode(self, batch: np.ndarray, *, input_name: str = "input") -> object:
+        return {"inputs": batch.tolist()}
+
+    def decode(self, body: object, *, output: str, clean: Clean = _cut) -> np.ndarray:
+        # Errors below are raised outside their `except`: the original exception may quote
+        # the (unredacted) answer, so it must not ride along as __context__.
+        body = _json_object(body)
+        if "predictions" not in body:
+            keys = clean(sorted(map(str, body))[:5], 200)
+            raise InvalidAnswer(f"MLflow answer has no 'predictions' (keys: {keys}).")
+        pred = body["predictions"]
+        if isinstance(pred, dict) and len(pred) == 1:  # one named output tensor
+            pred = next(iter(pred.values()))
+        problem = None
+        try:
+            arr = np.asarray(pred, dtype=np.float64 if output == "soft" else None)
+        except (ValueError, TypeError) as exc:
+            problem = clean(exc, 200)
+        if problem is not None:
+            raise InvalidAnswer(f"MLflow predictions are not a numeric array: {problem}")
+        if arr.dtype.kind not in "biuf":  # e.g. strings: never passed on, never quoted
+            raise InvalidAnswer(f"MLflow predictions have non-numeric values (dtype "
+                                f"{arr.dtype}).")
+        return arr
+
+
+@register_protocol("v2")
+class V2Protocol(Protocol):
+    """Open Inference Protocol v2: one FP32 input tensor; the first output tensor is used."""
+
+    def validate(self, cfg: Config) -> None:
+        from aspkd_ray.config import ConfigError
+
+        if cfg.victim.endpoint and not cfg.victim.model_name:
+            raise ConfigError("victim.model_name: required for the v2 protocol; expected the "
+                              "model name the inference server exposes.")
+
+    def path(self, model_name: str | None) -> str:
+        if not model_name:
+            raise ValueError("victim.protocol=v2 needs victim.model_name (the path is "
+                             "/v2/models/<model_name>/infer), or a full endpoint URL.")
+        return f"/v2/models/{model_name}/infer"
+
+    def encode(self, batch: np.ndarray, *, input_name: str = "input") -> object:
+        return {"inputs": [{"name": input_name, "shape": list(batch.shape),
+                            "datatype": "FP32", "data": batch.ravel().tolist()}]}
+
+    def decode(self, body: object, *, output: str, clean: Clean = _cut) -> np.ndarray:
+        outputs = _json_object(body).get("outputs")
+        if not isinstance(outputs, list) or not outputs or not isinstance(outputs[0], dict):
+            raise InvalidAnswer("v2 answer has no 'outputs' tensor list.")
+        out, problem = outputs[0], None
+        try:
+            data = np.asarray(out["data"])
+            shape = [int(s) for s in out["shape"]]
+        except (KeyError, ValueError, TypeError) as exc:
+            problem = clean(repr(exc), 200)
+        if problem is not None:
+            raise InvalidAnswer(f"v2 output tensor is malformed: {problem}")
+        if data.size != int(np.prod(shape)):
+            raise InvalidAnswer(f"v2 output has {data.size} values for shape {shape}.")
+        return data.reshape(shape)
+
+
 class HttpVictim:
     """Labels from a served model; see the module docstring for the protocols."""
 
@@ -167,8 +297,9 @@ class HttpVictim:
         import requests
         from requests.adapters import HTTPAdapter
 
-        if protocol not in ("mlflow", "v2"):
-            raise ValueError(f"protocol must be 'mlflow' or 'v2', got {protocol!r}.")
+        if protocol not in PROTOCOLS.entries:
+            raise ValueError(f"protocol must be one of {', '.join(list_protocols())}, got "
+                             f"{protocol!r}.")
         if output not in ("soft", "hard"):
             raise ValueError(f"output must be 'soft' or 'hard', got {output!r}.")
         if not endpoint.startswith(("http://", "https://")):
@@ -178,9 +309,10 @@ class HttpVictim:
             raise ValueError("timeout_s must be > 0; max_retries, backoff_s and "
                              "retry_after_max_s >= 0.")
         self.protocol, self.output, self.num_classes = protocol, output, num_classes
+        self.codec = get_protocol(protocol)
         self.timeout_s, self.max_retries, self.backoff_s = timeout_s, max_retries, backoff_s
         self.input_name = input_name
-        self.url = self._invoke_url(endpoint, protocol, model_name)
+        self.url = self._invoke_url(endpoint, self.codec, model_name)
         self.name = f"{protocol}:{safe_url(self.url)}"
         self.bucket = TokenBucket(rate_limit_per_s) if rate_limit_per_s else None
         self.session = session or requests.Session()
@@ -195,7 +327,7 @@ class HttpVictim:
         adapter = HTTPAdapter(max_retries=retry)
         self.session.mount("http://", adapter)
         self.session.mount("https://", adapter)
-        self._headers = {"Content-Type": "application/json"}
+        self._headers = dict(self.codec.headers())
         # Credentials in the URL (user:password@) are secrets too, though never printed.
         self._secrets: tuple[str, ...] = tuple(
             s for s in (urlsplit(endpoint).password,) if s)
@@ -223,17 +355,11 @@ class HttpVictim:
         return out if limit is None or len(out) <= limit else out[:limit] + "..."
 
     @staticmethod
-    def _invoke_url(endpoint: str, protocol: str, model_name: str | None) -> str:
+    def _invoke_url(endpoint: str, protocol: Protocol, model_name: str | None) -> str:
         parts = urlsplit(endpoint)
         if parts.path not in ("", "/"):
             return endpoint  # a full scoring URL was given
-        base = endpoint.rstrip("/")
-        if protocol == "mlflow":
-            return f"{base}/invocations"
-        if not model_name:
-            raise ValueError("victim.protocol=v2 needs victim.model_name (the path is "
-                             "/v2/models/<model_name>/infer), or a full endpoint URL.")
-        return f"{base}/v2/models/{model_name}/infer"
+        return endpoint.rstrip("/") + protocol.path(model_name)
 
     # ---- one call ---------------------------------------------------------------------
     def predict(self, x) -> np.ndarray:
@@ -248,49 +374,11 @@ class HttpVictim:
             return check_answer(answer, len(arr), self.num_classes, "soft").argmax(1)
         return answer
 
-    def _payload(self, arr: np.ndarray) -> dict:
-        if self.protocol == "mlflow":
-            return {"inputs": arr.tolist()}
-        return {"inputs": [{"name": self.input_name, "shape": list(arr.shape),
-                            "datatype": "FP32", "data": arr.ravel().tolist()}]}
+    def _payload(self, arr: np.ndarray) -> object:
+        return self.codec.encode(arr, input_name=self.input_name)
 
     def _parse(self, body: object) -> np.ndarray:
-        # Errors below are raised outside their `except`: the original exception may quote
-        # the (unredacted) answer, so it must not ride along as __context__.
-        if not isinstance(body, dict):
-            raise InvalidAnswer(f"victim answered a {type(body).__name__}, not a JSON object.")
-        if self.protocol == "mlflow":
-            if "predictions" not in body:
-                keys = self._clean(sorted(map(str, body))[:5], 200)
-                raise InvalidAnswer(f"MLflow answer has no 'predictions' (keys: {keys}).")
-            pred = body["predictions"]
-            if isinstance(pred, dict) and len(pred) == 1:  # one named output tensor
-                pred = next(iter(pred.values()))
-            problem = None
-            try:
-                arr = np.asarray(pred, dtype=np.float64 if self.output == "soft" else None)
-            except (ValueError, TypeError) as exc:
-                problem = self._clean(exc, 200)
-            if problem is not None:
-                raise InvalidAnswer(f"MLflow predictions are not a numeric array: {problem}")
-            if arr.dtype.kind not in "biuf":  # e.g. strings: never passed on, never quoted
-                raise InvalidAnswer(f"MLflow predictions have non-numeric values (dtype "
-                                    f"{arr.dtype}).")
-            return arr
-        outputs = body.get("outputs")
-        if not isinstance(outputs, list) or not outputs or not isinstance(outputs[0], dict):
-            raise InvalidAnswer("v2 answer has no 'outputs' tensor list.")
-        out, problem = outputs[0], None
-        try:
-            data = np.asarray(out["data"])
-            shape = [int(s) for s in out["shape"]]
-        except (KeyError, ValueError, TypeError) as exc:
-            problem = self._clean(repr(exc), 200)
-        if problem is not None:
-            raise InvalidAnswer(f"v2 output tensor is malformed: {problem}")
-        if data.size != int(np.prod(shape)):
-            raise InvalidAnswer(f"v2 output has {data.size} values for shape {shape}.")
-        return data.reshape(shape)
+        return self.codec.decode(body, output=self.output, clean=self._clean)
 
     def _before_retry(self, retry: Retry) -> None:
         """Called by VictimRetry after its wait, before each retry: log it, rate-limit it."""
@@ -301,7 +389,7 @@ class HttpVictim:
             self.bucket.acquire()
         self.requests_sent += 1
 
-    def _post(self, payload: dict) -> object:
+    def _post(self, payload: object) -> object:
         import requests
 
         if self.bucket is not None:

@@ -553,10 +553,9 @@ def _actor_key() -> str:
     """This service's identity across Ray restarts (the actor id), for the ledger's lease."""
     import ray
 
-    try:
-        return ray.get_runtime_context().get_actor_id() or f"pid-{os.getpid()}"
-    except Exception:  # noqa: BLE001 - not in a Ray worker (direct use in a test)
+    if not ray.is_initialized():  # direct use, outside Ray (tests)
         return f"pid-{os.getpid()}"
+    return ray.get_runtime_context().get_actor_id() or f"pid-{os.getpid()}"
 
 
 def _lease_options() -> dict:
@@ -587,7 +586,7 @@ def _resolved(cfg: Config) -> Config:
     if cfg.victim.endpoint:
         return cfg
     from aspkd_ray import cache, storage
-    from aspkd_ray.victim.train import victim_location
+    from aspkd_ray.layout import victim_location
 
     location = victim_location(cfg)
     # A URI stays a URI: the actor, on whatever node, downloads its own copy (cache.local_copy).

@@ -62,8 +62,8 @@ def save_victim_model(cfg: Config, dest: str | Path) -> Path:
     from mlflow.types.schema import Schema, TensorSpec
 
     from aspkd_ray import cache
+    from aspkd_ray.layout import input_shape, victim_location
     from aspkd_ray.models.checkpoint import ARCH
-    from aspkd_ray.victim.train import input_shape, victim_location
 
     location = victim_location(cfg)
     if not cache.exists(location, ARCH):

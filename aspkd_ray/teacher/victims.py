@@ -72,8 +72,8 @@ class LocalVictim:
 
 def victim_name(cfg: Config) -> str:
     """A readable identity of the configured victim (no credentials)."""
+    from aspkd_ray.layout import victim_location
     from aspkd_ray.teacher.http_victim import safe_url
-    from aspkd_ray.victim.train import victim_location
 
     if cfg.victim.endpoint:
         return f"{cfg.victim.protocol}:{safe_url(cfg.victim.endpoint)}"
@@ -159,8 +159,8 @@ def local_victim_device(cfg: Config) -> str:
 def make_victim(cfg: Config, num_classes: int, device: str | None = None) -> Victim:
     """The configured victim: victim.endpoint if set, else the local checkpoint on `device`
     (default: `local_victim_device(cfg)`). HTTP victims ignore the device."""
+    from aspkd_ray.layout import victim_location
     from aspkd_ray.teacher.http_victim import HttpVictim
-    from aspkd_ray.victim.train import victim_location
 
     v = cfg.victim
     if v.endpoint:
@@ -175,7 +175,7 @@ def make_victim(cfg: Config, num_classes: int, device: str | None = None) -> Vic
 def victim_input(images: np.ndarray, cfg: Config) -> torch.Tensor:
     """uint8 N x H x W x C → the float tensor the victim takes, at its input size."""
     from aspkd_ray.datasets import to_tensor
-    from aspkd_ray.victim.train import input_shape
+    from aspkd_ray.layout import input_shape
 
     size, channels = input_shape(cfg)
     return to_tensor(images, size, channels)

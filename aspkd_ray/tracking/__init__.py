@@ -15,7 +15,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from aspkd_ray import storage
+from aspkd_ray import console, storage
 from aspkd_ray.config import Config, flatten
 from aspkd_ray.errors import UserError
 
@@ -93,12 +93,17 @@ def _init_lock(uri: str) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def mlflow_run(cfg: Config, run_name: str, tags: dict | None = None) -> Iterator[object]:
-    """Start an MLflow run with the whole config logged as params."""
+def mlflow_run(cfg: Config, run_name: str, tags: dict | None = None,
+               run_id: str | None = None) -> Iterator[object]:
+    """Start an MLflow run with the whole config logged as params; with `run_id`, reopen
+    that (finished) run of the same store to log more to it (the params are there)."""
     import mlflow
 
-    # MLflow's SQLite store logs its migrations at INFO; they are noise for our users.
+    # MLflow's SQLite store logs its migrations and table creation at INFO (MLflow's own
+    # console handler): noise for our users, shown with -v.
     logging.getLogger("alembic").setLevel(logging.WARNING)
+    logging.getLogger("mlflow.store.db.utils").setLevel(
+        logging.INFO if console.verbose() else logging.WARNING)
     uri = tracking_uri(cfg)
     default_store = uri == _default_uri(cfg)
     remote_db = _remote_db(cfg) if default_store else None
@@ -108,6 +113,10 @@ def mlflow_run(cfg: Config, run_name: str, tags: dict | None = None) -> Iterator
     with _init_lock(uri):  # table creation and the experiment: once, by one process
         _experiment(cfg, default_store)
     try:
+        if run_id is not None:
+            with mlflow.start_run(run_id=run_id, tags=tags) as run:
+                yield run
+            return
         with mlflow.start_run(run_name=run_name, tags=tags) as run:
             params = {k: ("null" if v is None else str(v))[:500]
                       for k, v in flatten(cfg).items()}

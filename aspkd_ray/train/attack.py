@@ -48,14 +48,16 @@ class AttackJob:
     cfg: Config
     settings: RoundSettings
     pool: object                 # ObjectRef of a ProxyPool (memory), or a StreamedPool
-    ids: list[str]               # train-pool sample ids (for the teacher's ledger)
-    images_ref: object | None    # memory: ObjectRef of the train pool's uint8 images (what
-                                 # is sent); stream: None, the pool reads the picks
+    ids: list[str]               # sample id of every image of the set (the ledger's keys)
+    classes: np.ndarray          # generation class of every image of the set
+    train: np.ndarray            # positions of the train split (the pool's ids 0..N-1)
+    val: np.ndarray              # positions of the validation split
+    images_ref: object | None    # memory: ObjectRef of the set's uint8 images (what is
+                                 # sent); stream: None, the pool's index reads the rows
     input_shape: tuple[int, int]  # (size, channels) of the student's input
     num_classes: int
     budget_total: int
     ledger_uri: str
-    val_labels: np.ndarray | None = None
     trial: str | None = None     # Tune trial name (per-trial cap), None when standalone
 
 
@@ -207,10 +209,11 @@ def _attack(job: AttackJob, rank: int, world: int) -> None:
         client = connect_teacher_service(job.cfg, job.num_classes, budget=job.budget_total,
                                          ledger_uri=job.ledger_uri, trial=job.trial)
         images = None if job.images_ref is None else ray.get(job.images_ref)
+        read = pool.index.read_images if images is None else images.__getitem__
 
-        def buy(picks: np.ndarray) -> np.ndarray:
-            sent = pool.images(picks) if images is None else images[picks]
-            return client.buy([job.ids[i] for i in picks], pool.classes[picks], sent)
+        def buy(idx: np.ndarray, split: str = "train") -> np.ndarray:
+            rows = (job.train if split == "train" else job.val)[idx]
+            return client.buy([job.ids[r] for r in rows], job.classes[rows], read(rows))
 
     node = ray.get_runtime_context().get_node_id()
 
@@ -235,7 +238,7 @@ def _attack(job: AttackJob, rank: int, world: int) -> None:
             ray.train.report(metrics)
 
     run_rounds(student, pool, job.settings, buy, comm=TorchDistComm(rank, world), state=state,
-               val_labels=job.val_labels, on_round=on_round)
+               on_round=on_round)
 
 
 def run_attack(job: AttackJob, location: str | Path) -> list[tuple[object, dict]]:

@@ -25,6 +25,7 @@ import torch
 
 from aspkd_ray.aspkd.rounds import AttackState
 from aspkd_ray.errors import UserError
+from aspkd_ray.storage import atomic_file
 
 STATE_JSON = "attack_state.json"
 STATE_ARRAYS = "attack_state.npz"
@@ -33,6 +34,7 @@ LEGACY_STATE = "attack_state.pkl"   # pickle: refused, never opened
 FORMAT = "aspkd-attack-state"
 VERSION = 1
 _FIELDS = {"format", "version", "round", "history", "pseudo", "pretrain", "bought_labels"}
+_OPTIONAL = {"bought_val", "torch_rng"}  # fields added since version 1 was first written
 _ARRAY = "$array"
 
 
@@ -100,14 +102,15 @@ def save_state(state: AttackState, folder: str | Path) -> None:
         "pretrain": _encode(state.pretrain, arrays, "pretrain"),
         "bought_labels": (None if state.bought_labels is None else
                           _encode(np.asarray(state.bought_labels), arrays, "bought_labels")),
+        "bought_val": _encode(state.bought_val, arrays, "bought_val"),
+        "torch_rng": _encode(state.torch_rng, arrays, "torch_rng"),
     }
-    # Write both files before either is visible under its final name.
-    tmp_json, tmp_npz = folder / (STATE_JSON + ".tmp"), folder / (STATE_ARRAYS + ".tmp")
-    tmp_json.write_text(json.dumps(doc, indent=1))
-    with open(tmp_npz, "wb") as fh:
+    # The arrays first, then the JSON that refers to them: a state whose JSON is there is
+    # whole.
+    with atomic_file(folder / STATE_ARRAYS) as tmp, open(tmp, "wb") as fh:
         np.savez(fh, **arrays)
-    tmp_npz.replace(folder / STATE_ARRAYS)
-    tmp_json.replace(folder / STATE_JSON)
+    with atomic_file(folder / STATE_JSON) as tmp:
+        Path(tmp).write_text(json.dumps(doc, indent=1))
 
 
 def load_state(folder: str | Path) -> AttackState:
@@ -127,7 +130,8 @@ def load_state(folder: str | Path) -> AttackState:
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         raise StateFileError(f"{json_path} is not a readable JSON file ({exc}); "
                              f"{_restart_hint(folder)}") from exc
-    if not isinstance(doc, dict) or set(doc) != _FIELDS or doc.get("format") != FORMAT:
+    if not isinstance(doc, dict) or not _FIELDS <= set(doc) <= _FIELDS | _OPTIONAL \
+            or doc.get("format") != FORMAT:
         got = sorted(doc) if isinstance(doc, dict) else type(doc).__name__
         raise StateFileError(f"{json_path} is not an aspkd attack state (expected the fields "
                              f"{sorted(_FIELDS)} with format {FORMAT!r}, got {got}); "
@@ -171,11 +175,23 @@ def _state_from(doc: dict, arrays: dict[str, np.ndarray]) -> AttackState:
                                or labels.ndim not in (1, 2) or len(labels) != len(idx)):
         raise ValueError(f"bought_labels must be an array with one row per bought index "
                          f"({len(idx)})")
+    bought_val = _decode(doc.get("bought_val"), arrays, used, "bought_val")
+    if bought_val is not None and (
+            not isinstance(bought_val, dict) or set(bought_val) != {"idx", "labels"}
+            or not all(isinstance(v, np.ndarray) and v.ndim == 1 for v in bought_val.values())
+            or len(bought_val["idx"]) != len(bought_val["labels"])):
+        raise ValueError("bought_val must be null or {idx, labels}: two 1-D arrays of one "
+                         "length")
+    torch_rng = _decode(doc.get("torch_rng"), arrays, used, "torch_rng")
+    if torch_rng is not None and (not isinstance(torch_rng, np.ndarray)
+                                  or torch_rng.dtype != np.uint8 or torch_rng.ndim != 1):
+        raise ValueError("torch_rng must be null or a 1-D uint8 array")
     extra = set(arrays) - used
     if extra:
         raise ValueError(f"unreferenced arrays {sorted(extra)}")
     return AttackState(round=rnd, bought_idx=idx, bought_labels=labels, history=history,
-                       pseudo=pseudo, pretrain=pretrain)
+                       pseudo=pseudo, pretrain=pretrain, bought_val=bought_val,
+                       torch_rng=torch_rng)
 
 
 # ---- student weights ---------------------------------------------------------------------

@@ -11,11 +11,12 @@ from pathlib import Path
 
 import torch
 
-from aspkd_ray import cache, storage
+from aspkd_ray import cache, console, storage
 from aspkd_ray.aspkd.distill import accuracy, fit
-from aspkd_ray.config import Config, TrainingConfig, config_hash
+from aspkd_ray.config import Config, TrainingConfig
 from aspkd_ray.datasets import get_spec, load_victim_data, to_tensor
 from aspkd_ray.errors import UserError
+from aspkd_ray.layout import horizontal_flip, input_shape, victim_location
 from aspkd_ray.models import create_model, save_checkpoint
 from aspkd_ray.models.checkpoint import ARCH, WEIGHTS
 
@@ -37,35 +38,6 @@ def victim_ready(folder: str | Path) -> bool:
         return all(cache.exists(str(folder), name) for name in CHECKPOINT_FILES)
     folder = Path(folder)
     return all((folder / name).is_file() for name in CHECKPOINT_FILES)
-
-
-def input_shape(cfg: Config) -> tuple[int, int]:
-    """(image_size, channels) of the victim's input."""
-    spec = get_spec(cfg.dataset.name)
-    return cfg.dataset.image_size or spec.image_size, cfg.dataset.channels or spec.channels
-
-
-def victim_checkpoint_dir(cfg: Config) -> Path:
-    """The victim's folder as a local Path (see `victim_location`; a URI has no local Path:
-    read it through `cache.local_copy(victim_location(cfg))`)."""
-    location = victim_location(cfg)
-    if storage.is_uri(location):
-        raise ValueError(f"the victim is at {location}, not in a local folder; read it "
-                         f"through aspkd_ray.cache.local_copy(victim_location(cfg)).")
-    return Path(location)
-
-
-def victim_location(cfg: Config) -> str:
-    """victim.checkpoint, else a cache folder keyed by data set, architecture and settings:
-    a local path or a URI (cache_dir or victim.checkpoint on object storage)."""
-    if cfg.victim.checkpoint:
-        return str(cfg.victim.checkpoint)
-    key = config_hash({"dataset": cfg.dataset.name, "arch": cfg.victim.architecture,
-                       "size": input_shape(cfg), "seed": cfg.seed,
-                       "training": victim_training_config(cfg).__dict__})
-    # digits and digits-xdomain share the victim: the same MNIST split trains it.
-    name = "digits" if cfg.dataset.name == "digits-xdomain" else cfg.dataset.name
-    return cache.join(str(cfg.cache_dir), name, f"victim-{cfg.victim.architecture}-{key[:8]}")
 
 
 def victim_training_config(cfg: Config) -> TrainingConfig:
@@ -97,10 +69,13 @@ def train_victim(cfg: Config, progress: bool = True) -> dict:
     model = create_model(cfg.victim.architecture, num_classes=classes, in_chans=chans,
                          image_size=size)
 
+    bar = console.progress("victim", tcfg.max_epochs, "epochs") if progress else None
+
     def on_epoch(row: dict) -> None:
         if progress:
             log.info("victim epoch %d/%d loss %.4f", row["epoch"] + 1, tcfg.max_epochs,
                      row["loss"])
+            bar.advance()
 
     # The victim's own early stopping may use its own held-out data: 10% of its training set.
     g = torch.Generator().manual_seed(cfg.seed)
@@ -108,8 +83,12 @@ def train_victim(cfg: Config, progress: bool = True) -> dict:
     n_val = len(x) // 10 if tcfg.early_stopping != "none" else 0
     val_idx, tr_idx = perm[:n_val], perm[n_val:]
     validate = (lambda m: accuracy(m, x[val_idx], y[val_idx])) if n_val else None
-    result = fit(model, x[tr_idx], y[tr_idx], tcfg, validate=validate,
-                 flip=spec.horizontal_flip, seed=cfg.seed, on_epoch=on_epoch)
+    try:
+        result = fit(model, x[tr_idx], y[tr_idx], tcfg, validate=validate,
+                     flip=horizontal_flip(cfg), seed=cfg.seed, on_epoch=on_epoch)
+    finally:
+        if bar:
+            bar.close()
     test_acc = accuracy(model, xt, yt)
     location = victim_location(cfg)
     remote = storage.is_uri(location)
