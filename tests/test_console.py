@@ -7,11 +7,11 @@ import os
 import sqlite3
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
 import pytest
+from test_steal import PLUGIN  # the tests folder is on sys.path (pytest rootdir)
 
 from aspkd_ray import console
 
@@ -120,21 +120,6 @@ def test_reference_baselines_from_the_committed_benchmark():
     assert reference_baselines("no-such-scenario", "aspkd") is None
 
 
-PLUGIN = textwrap.dedent('''
-    import numpy as np
-    from aspkd_ray.datasets import load_generator_data
-
-    def make(config, class_names, device):
-        data = load_generator_data("digits")
-        def generate(prompts, class_ids, seeds):
-            out = []
-            for c, s in zip(class_ids, seeds):
-                rng = np.random.default_rng(s)
-                img = data.images[rng.choice(np.flatnonzero(data.labels == c))]
-                out.append(img.astype(np.uint8))
-            return out
-        return generate
-''')
 
 
 def _env() -> dict:

@@ -178,10 +178,7 @@ def test_steal_runs_with_a_pool_over_the_memory_cap_never_decoding_it(ray_sessio
     than pool.memory_mb (1 MB, half of it for decoded images kept): the driver may not decode
     it (load_proxy_set fails here), every read in the workers refuses more than half the cap,
     latents come from Ray Data actors and the fits on the whole pool stream."""
-    import sys
-
-    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
-    from test_steal import PLUGIN
+    from test_steal import PLUGIN  # the tests folder is on sys.path (pytest rootdir)
 
     from aspkd_ray.generation import store
     from aspkd_ray.jobs.steal import run_steal

@@ -19,7 +19,7 @@ import torch
 
 from aspkd_ray import storage
 from aspkd_ray.aspkd.rounds import RoundSettings
-from aspkd_ray.config import Config, ConfigError, to_dict, total_budget
+from aspkd_ray.config import ASPKDConfig, Config, ConfigError, to_dict, total_budget
 from aspkd_ray.datasets import get_spec
 from aspkd_ray.errors import UserError
 from aspkd_ray.layout import input_shape, run_layout, victim_location
@@ -326,7 +326,7 @@ def _attack_job(cfg: Config, proxy, num_classes: int, n: int, service_budget: in
     return AttackJob(
         cfg=cfg, settings=settings, pool=ray.put(proxy.pool) if memory else proxy.pool,
         ids=[str(i) for i in proxy.ids], classes=proxy.classes, train=proxy.train,
-        val=proxy.val, images_ref=ray.put(proxy.read(np.arange(len(proxy.ids))))
+        val=proxy.val, images_ref=ray.put(proxy.images)
         if memory else None, input_shape=input_shape(cfg), num_classes=num_classes,
         budget_total=service_budget or n, ledger_uri=ledger, trial=trial)
 
@@ -356,7 +356,7 @@ def build_summary(cfg: Config, ev, n: int, num_classes: int, calls_used: int,
         "pool_mode": pool_mode,
         "student_pretrain": cfg.student.pretrain,
         "pretrain": ev.state.pretrain if ev.state else None,
-        "method": method_name(RoundSettings.from_config(cfg, num_classes, n)),
+        "method": method_name(cfg.aspkd),
         "wall_time_s": dict(times),
         "mlflow_run_id": run_id,
         "mlflow_uri": mlflow.get_tracking_uri(),
@@ -364,14 +364,14 @@ def build_summary(cfg: Config, ev, n: int, num_classes: int, calls_used: int,
     }
 
 
-def method_name(s) -> str:
+def method_name(a: ASPKDConfig) -> str:
     """The method as the paper's ablation names it (Table 3), or the strategy's name."""
-    if s.prompt_only:
+    if a.baseline == "prompt_only":
         return "prompt_only"
     paper = {("paper", True): "aspkd", ("random", False): "vanilla",
              ("paper", False): "active", ("random", True): "self_paced"}
-    key = (s.aspkd.selection, s.aspkd.self_paced)
-    return paper.get(key, s.aspkd.selection + ("+self_paced" if s.aspkd.self_paced else ""))
+    return paper.get((a.selection, a.self_paced),
+                     a.selection + ("+self_paced" if a.self_paced else ""))
 
 
 def publish(summary: dict, ev, class_names, num_classes: int, lay) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -27,13 +28,34 @@ __all__ = ["OpenPool", "PoolIndex", "PoolTooLarge", "StreamedPool", "float_bytes
 class OpenPool:
     mode: str                    # "memory" | "stream"
     pool: object                 # ProxyPool (memory) or StreamedPool (stream)
-    ids: np.ndarray              # every image of the set, sorted (pool positions)
-    classes: np.ndarray
-    train: np.ndarray            # positions of the train split (the attack's ids 0..N-1)
-    val: np.ndarray              # positions of the validation split
-    class_names: tuple[str, ...]
-    read: Callable[[np.ndarray], np.ndarray]  # uint8 images of positions
+    index: PoolIndex             # every image of the set: ids, classes, splits (positions)
     memory_bytes: int
+    images: np.ndarray | None = None  # memory: every image, decoded; stream: None
+
+    @property
+    def ids(self) -> np.ndarray:
+        return self.index.ids
+
+    @property
+    def classes(self) -> np.ndarray:
+        return self.index.classes
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return self.index.class_names
+
+    @cached_property
+    def train(self) -> np.ndarray:
+        """Positions of the train split (the attack's ids 0..N-1)."""
+        return self.index.positions("train")
+
+    @cached_property
+    def val(self) -> np.ndarray:
+        return self.index.positions("val")
+
+    def read(self, rows: np.ndarray) -> np.ndarray:
+        """uint8 images of these positions: from memory, else decoded from the shards."""
+        return self.images[rows] if self.images is not None else self.index.read_images(rows)
 
     def read_chunked(self, rows: np.ndarray, fn: Callable[[np.ndarray], np.ndarray],
                      size: int, channels: int) -> np.ndarray:
@@ -64,19 +86,19 @@ def open_pool(cfg, proxy: str, size: int, channels: int) -> OpenPool:
     memory = p.memory_mb * 2**20
     index = PoolIndex.open(proxy)  # small columns only
     mode = choose_mode(p.mode, len(index), size, channels, p.memory_mb)
-    train, val = index.positions("train"), index.positions("val")
     log.info("proxy pool: %d images, %s path", len(index), mode)
     if mode == "stream":
-        pool = StreamedPool(index=index, train_rows=train, val_rows=val, size=size,
-                            channels=channels, memory_bytes=memory,
-                            latents_dtype=p.latents, embed_actors=p.embed_actors,
-                            embed_gpus=p.embed_gpus, embed_batch=p.embed_batch)
-        return OpenPool("stream", pool, index.ids, index.classes, train, val,
-                        index.class_names, index.read_images, memory)
+        pool = StreamedPool(index=index, train_rows=index.positions("train"),
+                            val_rows=index.positions("val"), size=size, channels=channels,
+                            memory_bytes=memory, latents_dtype=p.latents,
+                            embed_actors=p.embed_actors, embed_gpus=p.embed_gpus,
+                            embed_batch=p.embed_batch)
+        return OpenPool("stream", pool, index, memory)
+    # The set's rows are sorted by sample id, as the index numbers them.
     proxy_set = load_proxy_set(proxy)
+    opened = OpenPool("memory", None, index, memory, proxy_set.images)
     x_all = to_tensor(proxy_set.images, size, channels)
-    pool = ProxyPool(x=x_all[torch.as_tensor(train)], classes=proxy_set.classes[train],
-                     x_val=x_all[torch.as_tensor(val)], classes_val=proxy_set.classes[val])
-    images = proxy_set.images
-    return OpenPool("memory", pool, proxy_set.ids, proxy_set.classes, train, val,
-                    proxy_set.class_names, lambda rows: images[rows], memory)
+    tr, va = torch.as_tensor(opened.train), torch.as_tensor(opened.val)
+    opened.pool = ProxyPool(x=x_all[tr], classes=index.classes[opened.train], x_val=x_all[va],
+                            classes_val=index.classes[opened.val])
+    return opened

@@ -2,12 +2,11 @@
 
 One worker on a CPU machine, N GPU workers with DDP on a cluster: the same code. The pool
 reaches the workers in memory (an object store ref) or as a `StreamedPool` that reads its
-shards on demand (pool.mode). Rank 0 is
-the only one that selects and buys (through the teacher service, by name); decisions are
-broadcast so every rank trains the same student. After each round, rank 0 reports a Ray Train
-checkpoint (student weights + attack state, as data only: train/state_io.py), so rerunning
-with the same output directory resumes where it stopped, and every round's student stays
-available for evaluation.
+shards on demand (pool.mode). Rank 0 is the only one that selects and buys (through the
+teacher service, by name); decisions are broadcast so every rank trains the same student.
+After each round, rank 0 reports a Ray Train checkpoint (student weights + attack state, as
+data only: train/state_io.py), so rerunning with the same output directory resumes where it
+stopped, and every round's student stays available for evaluation.
 
 Retries: Ray Train restarts the worker group after a worker or node is lost (MAX_FAILURES),
 but an exception raised by the attack code itself (a bad value, VictimError, BudgetExhausted)
