@@ -10,6 +10,8 @@ mount, or a pyarrow URI such as `s3://bucket/run`):
     ray_train/          Ray Train checkpoints, one per round
     ray_tune/           Ray Tune results (sweeps)
     trials/<trial>/     a sweep trial's own files (the same layout, minus the shared parts)
+    sweep.json          a sweep's spec and MLflow parent run; sweep_results.{md,json},
+                        sweep.png, best.yaml: its results
     summary.json        the attack's results
     agreement.png       its plot
     mlflow.db           the MLflow store when tracking is the default SQLite (copied here at

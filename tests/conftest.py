@@ -30,6 +30,16 @@ for _var in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3"):
     os.environ.pop(_var, None)
 
 
+def start_test_ray(**extra) -> None:
+    """The tests' embedded Ray (2 CPUs, a small object store); `extra`: more ray.init
+    arguments (a test that needs its own Ray restarts it with them, then without)."""
+    import ray
+
+    os.environ.pop("RAY_ADDRESS", None)
+    ray.init(address="local", namespace="aspkd-tests", include_dashboard=False, num_cpus=2,
+             object_store_memory=512 << 20, **extra)
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     """One embedded Ray for all tests (ray.init costs seconds). Ignores a running cluster."""
@@ -38,9 +48,7 @@ def ray_session():
     from aspkd_ray.runtime import connect
 
     if not ray.is_initialized():
-        os.environ.pop("RAY_ADDRESS", None)
-        ray.init(address="local", namespace="aspkd-tests", include_dashboard=False, num_cpus=2,
-                 object_store_memory=512 << 20)
+        start_test_ray()
     info = connect()
     yield info
     ray.shutdown()

@@ -26,6 +26,7 @@ from aspkd_ray.teacher import (
     VictimError,
     connect_teacher_service,
 )
+from aspkd_ray.teacher.errors import TrialClosed
 from aspkd_ray.teacher.http_victim import HttpVictim, HttpVictimError
 from aspkd_ray.teacher.victims import victim_input
 
@@ -315,6 +316,11 @@ def test_hard_local_victim_and_per_trial_caps(ray_session, tmp_path, victim_ckpt
     s = a.status()
     assert (s["spent"], s["left"], s["trial_spent"]) == (8, 0, {"a": 5, "b": 5, "c": 3})
     assert all(v == 1 for v in charge_counts(str(tmp_path / "ledger")).values())
+    # a trial the sweep ended buys nothing more, not even free labels; others still can
+    a.close_trial("b")
+    with pytest.raises(TrialClosed, match="trial b was ended"):
+        b.buy(ids[:1], cls[:1], imgs[:1])
+    assert a.buy(ids[:1], cls[:1], imgs[:1]).tolist() == hard[:1].tolist()
 
 
 @pytest.mark.timeout(300)

@@ -277,18 +277,24 @@ def absolute_paths(cfg: Config) -> Config:
         storage=replace(cfg.storage, root=_absolute(cfg.storage.root)))
 
 
+def with_overrides(data: dict[str, Any] | None, overrides: list[str] | tuple[str, ...] = ()
+                   ) -> dict[str, Any]:
+    """A copy of a config's plain dict with `dotted.key=value` overrides applied."""
+    # Deep copy as plain types; YAML dates and the like become strings, which the checks
+    # then reject with the key's name (never a TypeError from json).
+    data = json.loads(json.dumps(data or {}, default=str))
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_dotted(data, key, value)
+    return data
+
+
 def from_dict(data: dict[str, Any] | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Build a validated Config from a plain dict and `dotted.key=value` overrides."""
     if data is not None and not isinstance(data, dict):
         raise ConfigError(f"config: got a {_yaml_kind(data)} at the top level; expected a "
                           f"mapping of sections, e.g. 'dataset: {{name: digits}}'.")
-    # Deep copy as plain types; YAML dates and the like become strings, which the checks
-    # below then reject with the key's name (never a TypeError from json).
-    data = json.loads(json.dumps(data or {}, default=str))
-    for text in overrides:
-        key, value = parse_override(text)
-        _set_dotted(data, key, value)
-    cfg = _deprecated_aliases(_build(Config, data, ""))
+    cfg = _deprecated_aliases(_build(Config, with_overrides(data, overrides), ""))
     _cross_validate(cfg)
     return absolute_paths(cfg)
 

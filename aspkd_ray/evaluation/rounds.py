@@ -24,36 +24,59 @@ class Evaluation:
     example: torch.Tensor | None = field(default=None, repr=False)  # a few test inputs
 
 
+class TestJudge:
+    """The experimenter's view: the victim's class for every real test image, and a
+    student's agreement with it. Built only where the oracle may be used (never in an
+    attack, nor in a sweep trial with the attacker objective)."""
+
+    def __init__(self, cfg: Config, num_classes: int) -> None:
+        from aspkd_ray.datasets import load_victim_data, to_tensor
+        from aspkd_ray.evaluation.oracle import EvaluationOracle
+        from aspkd_ray.layout import input_shape
+        from aspkd_ray.models import create_model
+
+        self.size, self.chans = input_shape(cfg)
+        self.oracle = EvaluationOracle(cfg)
+        test = load_victim_data(cfg.dataset.name, "test", cfg.dataset.root,
+                                cfg.dataset.download, self.size)
+        self.x_test = to_tensor(test.images, self.size, self.chans)
+        self.victim_test = self.oracle.predict_classes(test.images)
+        self.student = create_model(cfg.student.architecture, num_classes=num_classes,
+                                    in_chans=self.chans, image_size=self.size).eval()
+
+    def classes(self, weights: dict) -> np.ndarray:
+        """The student with these weights: its class for every test image."""
+        from aspkd_ray.aspkd.distill import predict_logits
+
+        self.student.load_state_dict(weights)
+        return predict_logits(self.student, self.x_test).argmax(1).numpy()
+
+    def agreement(self, checkpoint) -> float:
+        """% test agreement of a round checkpoint's student with the victim."""
+        from aspkd_ray.train.attack import load_round
+
+        return agreement(self.classes(load_round(checkpoint)[1]), self.victim_test)
+
+
 def evaluate_rounds(cfg: Config, rounds: list, proxy, num_classes: int) -> Evaluation:
     """`rounds`: run_attack's (checkpoint, metrics) per round; `proxy`: the OpenPool the
     attack used (its images are read chunk by chunk for the pseudo-label check)."""
-    from aspkd_ray.aspkd.distill import predict_logits
-    from aspkd_ray.datasets import load_victim_data, to_tensor
-    from aspkd_ray.evaluation.oracle import EvaluationOracle
-    from aspkd_ray.layout import input_shape
-    from aspkd_ray.models import create_model
     from aspkd_ray.train.attack import load_round
 
-    size, chans = input_shape(cfg)
-    oracle = EvaluationOracle(cfg)
-    test = load_victim_data(cfg.dataset.name, "test", cfg.dataset.root, cfg.dataset.download,
-                            size)
-    x_test = to_tensor(test.images, size, chans)
-    victim_test = oracle.predict_classes(test.images)
-    student = create_model(cfg.student.architecture, num_classes=num_classes, in_chans=chans,
-                           image_size=size).eval()
+    judge = TestJudge(cfg, num_classes)
     rows, final, state = [], None, None
     for checkpoint, metrics in rounds:
         state, weights = load_round(checkpoint)
-        student.load_state_dict(weights)
-        final = predict_logits(student, x_test).argmax(1).numpy()
+        final = judge.classes(weights)
         val_calls = 0 if state.bought_val is None else len(state.bought_val["idx"])
-        rows.append({"round": state.round - 1, "agreement": agreement(final, victim_test),
+        rows.append({"round": state.round - 1, "agreement": agreement(final, judge.victim_test),
                      "calls_used": int(len(state.bought_idx)) + val_calls,
                      **{k: v for k, v in metrics.items() if k not in ("round", "round_done")}})
     pseudo = state.pseudo if state else []
-    return Evaluation(rows, _pseudo_agreement(pseudo, proxy, oracle, size, chans),
-                      victim_test, final, state, student if state else None, x_test[:4])
+    return Evaluation(rows, _pseudo_agreement(pseudo, proxy, judge.oracle, judge.size,
+                                              judge.chans),
+                      judge.victim_test, final, state, judge.student if state else None,
+                      judge.x_test[:4])
 
 
 def _pseudo_agreement(pseudo: list[dict], proxy, oracle, size: int, chans: int) -> list[float]:

@@ -12,6 +12,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -231,25 +232,25 @@ class Stopwatch(dict):
             self[stage] = round(time.time() - t, 1)
 
 
-def run_steal(cfg: Config, *, trial: str | None = None,
-              service_budget: int | None = None, train_victim: bool = False) -> dict:
-    """Run one attack as configured; write summary.json, plots and MLflow; return the summary.
+@dataclass
+class OpenAttack:
+    """An attack ready to start: checked, Ray up, victim and proxy set in place."""
 
-    In a sweep, `trial` names the Tune trial (capped by budget.per_trial) and
-    `service_budget` is the teacher service's global cap shared by all trials; a standalone
-    run owns its service and stops it at the end (its ledger stays). `train_victim` trains a
-    victim at victim.checkpoint when none is there (see `check_victim`).
-    """
-    import mlflow
+    cfg: Config
+    lay: object          # RunLayout
+    proxy: object        # OpenPool
+    num_classes: int
+    n: int               # the attack's calls
 
-    from aspkd_ray.evaluation.rounds import evaluate_rounds
+
+def open_attack(cfg: Config, times: Stopwatch, *, trial: str | None = None,
+                service_budget: int | None = None, train_victim: bool = False) -> OpenAttack:
+    """Stages before the rounds: checks without Ray (`preflight`), the output folder and Ray,
+    the victim, the proxy set (generated or reused) opened as a pool, the budget against it."""
     from aspkd_ray.pool import open_pool
-    from aspkd_ray.tracking import mlflow_run
-    from aspkd_ray.train.attack import run_attack
 
     lay = run_layout(cfg)
     preflight(cfg, train_victim=train_victim, service_budget=service_budget, trial=trial)
-    times, t_all = Stopwatch(), time.time()
     _start(cfg, lay)
     with times("victim"):
         ensure_victim(cfg, train=train_victim)
@@ -257,20 +258,51 @@ def run_steal(cfg: Config, *, trial: str | None = None,
         proxy = open_pool(cfg, ensure_proxy(cfg), *input_shape(cfg))
     num_classes = len(proxy.class_names) or get_spec(cfg.dataset.name).num_classes
     n = check_budget(cfg, num_classes, len(proxy.train))  # the set as loaded
+    return OpenAttack(cfg, lay, proxy, num_classes, n)
+
+
+def attack_rounds(a: OpenAttack, *, trial: str | None = None,
+                  service_budget: int | None = None, objective=None, callbacks=()):
+    """The rounds on Ray Train: (teacher client or None, every round's (checkpoint,
+    metrics)). `objective`: a sweep's shared validation labels, scored after every round;
+    `callbacks`: Ray Train callbacks (a sweep's per-round reports to Tune)."""
+    from aspkd_ray.train.attack import run_attack
+
+    teacher = _teacher(a.cfg, a.num_classes, service_budget or a.n, a.lay.ledger, trial)
+    job = _attack_job(a.cfg, a.proxy, a.num_classes, a.n, service_budget, a.lay.ledger, trial)
+    job.objective = objective
+    return teacher, run_attack(job, a.lay.train, callbacks=callbacks)
+
+
+def run_steal(cfg: Config, *, trial: str | None = None, service_budget: int | None = None,
+              train_victim: bool = False) -> dict:
+    """Run one attack as configured; write summary.json, plots and MLflow; return the summary.
+
+    `trial` names a client of a shared service (capped by budget.per_trial) whose global cap
+    is `service_budget`; without it the run owns its teacher service and stops it at the end
+    (its ledger stays). `train_victim` trains a victim at victim.checkpoint when none is
+    there (see `check_victim`).
+    """
+    import mlflow
+
+    from aspkd_ray.evaluation.rounds import evaluate_rounds
+    from aspkd_ray.tracking import mlflow_run
+
+    times, t_all = Stopwatch(), time.time()
+    a = open_attack(cfg, times, trial=trial, service_budget=service_budget,
+                    train_victim=train_victim)
     with mlflow_run(cfg, f"steal-{cfg.dataset.name}", tags={"stage": "steal"}) as run:
         mlflow.log_dict(to_dict(cfg), "config.json")
         with times("attack"):
-            teacher = _teacher(cfg, num_classes, service_budget or n, lay.ledger, trial)
-            rounds = run_attack(_attack_job(cfg, proxy, num_classes, n, service_budget,
-                                            lay.ledger, trial), lay.train)
+            teacher, rounds = attack_rounds(a, trial=trial, service_budget=service_budget)
         # Evaluation: the experimenter's oracle, only now, and never handed to the attack.
         with times("evaluation"):
-            evaluation = evaluate_rounds(cfg, rounds, proxy, num_classes)
+            evaluation = evaluate_rounds(cfg, rounds, a.proxy, a.num_classes)
         calls_used = _calls_used(teacher, trial)
         times["total"] = round(time.time() - t_all, 1)
-        summary = build_summary(cfg, evaluation, n, num_classes, calls_used, proxy.mode,
-                                times, run.info.run_id, lay.root)
-        publish(summary, evaluation, proxy.class_names, num_classes, lay)
+        summary = build_summary(cfg, evaluation, a.n, a.num_classes, calls_used,
+                                a.proxy.mode, times, run.info.run_id, a.lay.root)
+        publish(summary, evaluation, a.proxy.class_names, a.num_classes, a.lay)
     return summary
 
 
@@ -396,10 +428,10 @@ def publish(summary: dict, ev, class_names, num_classes: int, lay) -> None:
             storage.write_bytes(*storage.resolve(target), (Path(tmp) / name).read_bytes())
             mlflow.log_artifact(str(Path(tmp) / name))
     if ev.student is not None:
-        _log_student(ev.student, ev.example)
+        log_student(ev.student, ev.example)
 
 
-def _log_student(student: torch.nn.Module, example: torch.Tensor) -> None:
+def log_student(student: torch.nn.Module, example: torch.Tensor) -> None:
     """The stolen student as an MLflow model (with an input example for its signature)."""
     import mlflow.pytorch
 

@@ -1,240 +1,363 @@
-"""Ray Tune sweeps over ASPKD settings (σ, k, rounds, learning rates, ...).
+"""Ray Tune sweeps over ASPKD settings (σ, k, rounds, learning rates, ...); the sweep file is
+described in `sweep/spec.py`.
 
-A sweep file names a base config, fixed overrides and a search space of dotted keys:
+Each trial is one ASPKD attack (`sweep/trial.py`), its own Ray Train run, reporting every
+round to Tune. All trials share one proxy set and one teacher service, which this driver
+creates and holds until the last trial ends: a label bought by one trial is free for the
+others, each trial is capped at its own budget n, and the service caps the sweep. Run again
+with the same output folder, an interrupted sweep resumes (`Tuner.restore`): finished trials
+are not rerun and the labels they bought stay free.
 
-    base: digits.yaml                  # relative to the sweep file
-    overrides: ["training.max_epochs=20"]
-    sweep:
-      metric: agreement
-      mode: max
-      num_samples: 1                   # repeats of the grid / random draws
-      max_concurrent_trials: null      # null = from the cluster's resources
-      global_budget: null              # the shared teacher service's cap; null = n x trials
-      space:
-        aspkd.sigma: {grid: [0.5, 1.0, 2.0]}
-        aspkd.k: {choice: [3, 5, 10]}
-        training.lr: {loguniform: [1.0e-4, 1.0e-2]}
-
-Each trial is one ASPKD attack (`run_steal`), its own Ray Train run and MLflow run. All
-trials share one proxy set and one teacher service: a label bought by one trial is free for
-the others, each trial is capped at its own budget n, and the service caps the sweep.
+    stages: prepare (config, Ray, victim, proxy set, resources) → state (new or resumed)
+            → teacher service (held) → shared validation labels (attacker objective)
+            → Tune → evaluation of every trial (driver, oracle) → results and MLflow
 """
 
 from __future__ import annotations
 
-import dataclasses
+import functools
 import json
 import logging
-import math
+import re
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-import yaml
+import numpy as np
 
 from aspkd_ray import console, storage
-from aspkd_ray.config import Config, ConfigError, from_dict, total_budget
+from aspkd_ray.config import Config, from_dict, num_rounds, total_budget
+from aspkd_ray.errors import UserError
 from aspkd_ray.layout import join, run_layout
-from aspkd_ray.runtime.resources import alive_nodes, largest_fitting_cpus
+from aspkd_ray.runtime.reaper import PlacementGroupReaper
+from aspkd_ray.sweep.search import ROUND
+from aspkd_ray.sweep.spec import SweepSpec, load_sweep
+from aspkd_ray.sweep.trial import SweepContext, run_trial, trial_config
 
 log = logging.getLogger(__name__)
 
-DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform", "randint")
-SWEEP_KEYS = {"metric", "mode", "num_samples", "max_concurrent_trials", "global_budget",
-              "space"}
+__all__ = ["load_sweep", "run_sweep", "trial_resources"]
+
+VALIDATION_CLIENT = "sweep-validation"  # the ledger's name for the shared validation labels
+TRIAL_CPUS = 0.01  # the trial function only waits on its Train run, which asks for its own
 
 
-@dataclasses.dataclass
-class SweepSpec:
-    base: dict[str, Any]
-    overrides: list[str]
-    space: dict[str, dict[str, list]]
-    metric: str = "agreement"
-    mode: str = "max"
-    num_samples: int = 1
-    max_concurrent_trials: int | None = None
-    global_budget: int | None = None
-
-    def num_trials(self) -> int:
-        grid = math.prod(len(v["grid"]) for v in self.space.values() if "grid" in v)
-        return grid * self.num_samples
-
-
-def load_sweep(path: str | Path, extra_overrides: list[str] = ()) -> SweepSpec:
-    """Read and validate a sweep file; the base config is validated with every grid value."""
-    from aspkd_ray.config.packaged import resolve_config_path
-
-    path = resolve_config_path(path, "--sweep")  # a file, or a packaged name
-    raw = yaml.safe_load(path.read_text()) or {}
-    unknown = set(raw) - {"base", "overrides", "sweep"}
-    if unknown:
-        raise ConfigError(f"unknown key {sorted(unknown)[0]} in {path}; accepted: base, "
-                          f"overrides, sweep.")
-    base_path = path.parent / raw.get("base", "")
-    if "base" not in raw or not base_path.is_file():
-        raise ConfigError(f"base: {raw.get('base')!r} in {path} is not a config file next to "
-                          f"it; expected e.g. 'base: digits.yaml'.")
-    sweep = raw.get("sweep") or {}
-    unknown = set(sweep) - SWEEP_KEYS
-    if unknown:
-        raise ConfigError(f"unknown key sweep.{sorted(unknown)[0]}; accepted: "
-                          f"{', '.join(sorted(SWEEP_KEYS))}.")
-    space = sweep.get("space") or {}
-    if not space:
-        raise ConfigError("sweep.space: empty; give at least one key, e.g. "
-                          "aspkd.sigma: {grid: [0.5, 1, 2]}.")
-    for key, dist in space.items():
-        if not isinstance(dist, dict) or len(dist) != 1 or next(iter(dist)) not in DISTRIBUTIONS:
-            raise ConfigError(f"sweep.space.{key}: got {dist!r}; expected one of "
-                              f"{{{' | '.join(DISTRIBUTIONS)}: [values or bounds]}}.")
-    spec = SweepSpec(base=yaml.safe_load(base_path.read_text()) or {},
-                     overrides=list(raw.get("overrides") or []) + list(extra_overrides),
-                     space=space, metric=sweep.get("metric", "agreement"),
-                     mode=sweep.get("mode", "max"), num_samples=int(sweep.get("num_samples", 1)),
-                     max_concurrent_trials=sweep.get("max_concurrent_trials"),
-                     global_budget=sweep.get("global_budget"))
-    if spec.mode not in ("max", "min"):
-        raise ConfigError(f"sweep.mode: got {spec.mode!r}; expected max or min.")
-    # Every key of the space must be a valid config key with valid values.
-    for key, dist in space.items():
-        kind, values = next(iter(dist.items()))
-        probe = values if kind in ("grid", "choice") else values[:1]
-        for v in probe:
-            from_dict(spec.base, spec.overrides + [f"{key}={json.dumps(v)}"])
-    return spec
-
-
-def _search_space(space: dict[str, dict[str, list]]) -> dict[str, Any]:
-    from ray import tune
-
-    out = {}
-    for key, dist in space.items():
-        kind, values = next(iter(dist.items()))
-        if kind == "grid":
-            out[key] = tune.grid_search(values)
-        elif kind == "choice":
-            out[key] = tune.choice(values)
-        else:  # uniform / loguniform / randint take bounds
-            out[key] = getattr(tune, kind)(*values)
-    return out
-
-
-def trial_config(spec: SweepSpec, params: dict[str, Any], shared: dict[str, str],
-                 trial: str) -> Config:
-    """The trial's Config: base + overrides + its parameters, its own storage root under the
-    sweep's (trials/<trial>), and the sweep's shared proxy set and ledger."""
-    sets = [f"{k}={json.dumps(v)}" for k, v in sorted(params.items())]
-    own = join(shared["root"], "trials", trial)
-    pins = [f"storage.root={json.dumps(own)}",
-            f"proxy.dir={json.dumps(shared['proxy_parent'])}",
-            f"budget.ledger={json.dumps(shared['ledger'])}"]
-    if not storage.is_uri(own):
-        pins.append(f"output_dir={json.dumps(own)}")
-    return from_dict(spec.base, spec.overrides + sets + pins)
-
-
-def _trial(config: dict) -> None:
-    """One Tune trial: one ASPKD attack, reported to Tune."""
-    import ray.tune
-
-    from aspkd_ray.jobs.steal import run_steal
-
-    spec: SweepSpec = config.pop("__spec__")
-    shared = config.pop("__shared__")
-    budget_cap = config.pop("__service_budget__")
-    ctx = ray.tune.get_context()
-    trial = ctx.get_trial_name() or ctx.get_trial_id()
-    cfg = trial_config(spec, config, shared, trial)
-    summary = run_steal(cfg, trial=trial, service_budget=budget_cap)
-    ray.tune.report({"agreement": summary["agreement"], "calls_used": summary["calls_used"],
-                     "pseudo_label_agreement": summary["pseudo_label_agreement"] or 0.0,
-                     "mlflow_run_id": summary["mlflow_run_id"]})
+@dataclass
+class Prepared:
+    base: Config
+    lay: object                  # RunLayout of the sweep's root
+    proxy: object                # OpenPool of the shared proxy set
+    num_classes: int
+    n: int                       # calls per trial
+    concurrent: int
+    sizing: list[str]            # overrides sizing each trial's Ray Train workers
 
 
 def run_sweep(spec: SweepSpec, output_dir: str | Path) -> list[dict]:
-    """Run the sweep; returns one row per trial (params and results), best first."""
-    import ray
-    from ray import tune
+    """Run (or resume) the sweep; returns one row per trial, best first."""
+    from aspkd_ray.tracking import mlflow_run
 
+    p = _prepare(spec, output_dir)
+    state = _state(spec, p.lay.root)
+    val_calls = p.num_classes * spec.val_per_class if spec.objective == "attacker" else 0
+    service_budget = spec.global_budget or p.n * spec.num_trials() + val_calls
+    if service_budget < val_calls + 1:
+        raise UserError(f"sweep.global_budget: {service_budget} calls, but the shared "
+                        f"validation labels alone take {val_calls} (sweep.val_per_class="
+                        f"{spec.val_per_class} x {p.num_classes} classes); raise it.")
+    ctx = SweepContext(spec=spec, root=p.lay.root, proxy_dir=p.lay.proxy.rsplit("/", 1)[0],
+                       ledger=p.lay.ledger, service_budget=service_budget,
+                       pins=_pins(p, spec))
+    teacher = _hold_teacher(p, ctx, val_calls)
+    try:
+        if val_calls:
+            ctx.validation = _buy_validation(p, teacher, spec)
+        with mlflow_run(p.base, f"sweep-{p.base.dataset.name}", run_id=state.get("parent"),
+                        tags={"stage": "sweep", "aspkd.objective": spec.objective}) as parent:
+            if state.get("parent") is None:
+                state["parent"] = parent.info.run_id
+                _write(join(p.lay.root, "sweep.json"), state)
+            log.info("sweep: %d trial(s), %d at a time, service budget %d (n = %d per "
+                     "trial, %d for validation labels)", spec.num_trials(), p.concurrent,
+                     service_budget, p.n, val_calls)
+            tracker = _tracker(ctx, parent, p.base)
+            with PlacementGroupReaper():  # Ray Train groups of the trials Tune stops
+                results = _tuner(spec, ctx, p, tracker).fit()
+            rows = _evaluate(spec, ctx, p, results, tracker, teacher)
+            unfinished = sum(r["status"] == "unfinished" for r in rows)
+            if unfinished or len(rows) < spec.num_trials():
+                log.warning("the sweep was interrupted: %d of %d trial(s) unfinished; run the "
+                            "same command again to resume it", spec.num_trials() -
+                            len(rows) + unfinished, spec.num_trials())
+            _publish(spec, p, rows, {**teacher.status(), "validation": val_calls})
+    finally:
+        teacher.shutdown()  # the ledger keeps every label; a rerun starts a new service
+    return rows
+
+
+def _prepare(spec: SweepSpec, output_dir: str | Path) -> Prepared:
+    """Config, Ray, the victim and the shared proxy set, made once before any trial."""
+    from aspkd_ray.generation import read_manifest
     from aspkd_ray.jobs.steal import ensure_proxy, ensure_victim
+    from aspkd_ray.layout import input_shape
+    from aspkd_ray.pool import open_pool
     from aspkd_ray.runtime import connect
 
-    base_cfg = from_dict(spec.base, spec.overrides + [f"output_dir={json.dumps(str(output_dir))}"])
-    lay = run_layout(base_cfg)
+    base = from_dict(spec.base, spec.overrides + [f"output_dir={json.dumps(str(output_dir))}"])
+    lay = run_layout(base)
     if not storage.is_uri(lay.root):
         Path(lay.root).mkdir(parents=True, exist_ok=True)
-    connect(base_cfg.ray.address, base_cfg.ray.namespace)
-    # Shared inputs are made once, before trials start.
-    ensure_victim(base_cfg)
-    proxy = ensure_proxy(base_cfg)
-    from aspkd_ray.generation import read_manifest
+    connect(base.ray.address, base.ray.namespace)
+    ensure_victim(base)
+    proxy_location = ensure_proxy(base)
+    num_classes = len(read_manifest(proxy_location).get("class_names") or ())
+    proxy = open_pool(base, proxy_location, *input_shape(base))
+    concurrent, sizing = trial_resources(base, spec)
+    return Prepared(base, lay, proxy, num_classes, total_budget(base, num_classes), concurrent,
+                    sizing)
 
-    num_classes = len(read_manifest(proxy).get("class_names") or ())
-    n = total_budget(base_cfg, num_classes)
-    service_budget = spec.global_budget or n * max(spec.num_trials(), 1)
-    # Trials run in other working directories: pin every path to what the driver resolved.
-    pinned = [f"cache_dir={json.dumps(base_cfg.cache_dir)}"]
-    for key, value in (("dataset.root", base_cfg.dataset.root),
-                       ("victim.checkpoint", base_cfg.victim.checkpoint),
-                       ("student.init_checkpoint", base_cfg.student.init_checkpoint),
-                       ("generator.model", base_cfg.generator.model)):
+
+def trial_resources(base: Config, spec: SweepSpec, nodes: list[dict] | None = None
+                    ) -> tuple[int, list[str]]:
+    """(trials at a time, overrides sizing each trial's Ray Train workers) so that the
+    concurrent trials' workers fit the nodes side by side; checked before Tune starts (a
+    request no node can hold would wait forever)."""
+    from aspkd_ray.runtime.resources import (
+        alive_nodes,
+        check_placeable,
+        largest_fitting_cpus,
+        plan_workers,
+    )
+
+    nodes = alive_nodes() if nodes is None else nodes
+    cpus = sum(n.get("CPU", 0.0) for n in nodes)
+    gpus = sum(n.get("GPU", 0.0) for n in nodes)
+    workers = base.ray.num_workers or 1
+    use_gpu = gpus >= 1 and base.ray.use_gpu is not False
+    if use_gpu:
+        concurrent = spec.max_concurrent_trials or max(1, int(gpus // workers))
+    else:
+        concurrent = spec.max_concurrent_trials or max(1, int(cpus // 2))
+    concurrent = max(1, min(concurrent, spec.num_trials()))
+    sets = [f"ray.num_workers={workers}"]
+    per = base.ray.cpus_per_worker
+    if per is None:
+        # The concurrent trials' workers share what is left after the drivers, the trial
+        # functions and Ray Data's reads (the teacher service asks for no CPU on the head).
+        share = (cpus - 0.5 - TRIAL_CPUS * concurrent) / (concurrent * workers)
+        if use_gpu:
+            share = min(share, 4.0)
+        per = largest_fitting_cpus(max(round(share, 2), 0.1), nodes, concurrent * workers)
+        sets.append(f"ray.cpus_per_worker={per}")
+    plan = plan_workers(requested=workers, use_gpu=use_gpu if base.ray.use_gpu is None
+                        else base.ray.use_gpu, cpus_per_worker=per, nodes=nodes,
+                        autoscale=base.ray.autoscale)
+    check_placeable(plan, nodes, autoscale=base.ray.autoscale, what="each sweep trial")
+    return concurrent, sets
+
+
+def _pins(p: Prepared, spec: SweepSpec) -> list[str]:
+    """What every trial must share with the driver: the paths it resolved (trials run in
+    other working folders), the per-trial cap n, the shared service's name, the workers'
+    size."""
+    b = p.base
+    pins = [f"cache_dir={json.dumps(b.cache_dir)}"]
+    for key, value in (("dataset.root", b.dataset.root),
+                       ("victim.checkpoint", b.victim.checkpoint),
+                       ("student.init_checkpoint", b.student.init_checkpoint),
+                       ("generator.model", b.generator.model)):
         if value is not None:
-            pinned.append(f"{key}={json.dumps(value)}")
-    spec.overrides = spec.overrides + pinned + [f"budget.per_trial={n}",
-                                       "ray.teacher_service="
-                                       f"{base_cfg.ray.teacher_service}-sweep"]
-    shared = {"root": lay.root, "proxy_parent": proxy.rsplit("/", 1)[0], "ledger": lay.ledger}
-    # The shared teacher service is started here, by the driver, so it outlives every trial.
+            pins.append(f"{key}={json.dumps(value)}")
+    return pins + p.sizing + [f"budget.per_trial={p.n}",
+                            f"ray.teacher_service={json.dumps(_service_name(b))}"]
+
+
+def _service_name(base: Config) -> str:
+    return f"{base.ray.teacher_service}-sweep"
+
+
+def _state(spec: SweepSpec, root: str) -> dict:
+    """sweep.json: the spec this folder's sweep runs (and its MLflow parent run). Another
+    sweep file pointed at the same folder is refused: its trials and labels would mix."""
+    location = join(root, "sweep.json")
+    fs, path = storage.resolve(location)
+    mine = json.loads(json.dumps(spec.to_dict(), default=str))
+    if storage.exists(fs, path):
+        state = json.loads(storage.read_bytes(fs, path))
+        if state.get("spec") != mine:
+            diff = sorted(k for k in set(mine) | set(state.get("spec") or {})
+                          if (state.get("spec") or {}).get(k) != mine.get(k))
+            raise UserError(f"{root} holds another sweep (its sweep.json differs in "
+                            f"{', '.join(diff)}); resume it with the same sweep file and "
+                            f"--set values, or use another --output-dir.")
+        log.info("resuming the sweep in %s", root)
+        return state
+    state = {"spec": mine, "parent": None}
+    _write(location, state)
+    return state
+
+
+def _hold_teacher(p: Prepared, ctx: SweepContext, val_calls: int):
+    """The shared teacher service, created here and held by this driver until the sweep
+    ends (an actor lives while its creator holds a handle); its client buys the shared
+    validation labels under the name VALIDATION_CLIENT, capped at what they need."""
     from aspkd_ray.teacher import connect_teacher_service
 
-    service_cfg = from_dict(spec.base, spec.overrides + [
-        f"output_dir={json.dumps(str(output_dir))}", f"budget.ledger={json.dumps(lay.ledger)}"])
-    connect_teacher_service(service_cfg, num_classes, budget=service_budget)
-    resources = ray.cluster_resources()
-    gpus, cpus = resources.get("GPU", 0.0), resources.get("CPU", 1.0)
-    concurrent = spec.max_concurrent_trials or max(
-        1, int(gpus // (base_cfg.ray.num_workers or 1)) if gpus >= 1 else int(cpus // 2))
-    if not gpus and base_cfg.ray.cpus_per_worker is None:
-        # Trials' Train workers share the CPUs; the teacher service and drivers keep 0.5.
-        per = max(round((cpus - 0.5 - 0.1 * concurrent) / concurrent, 2), 0.1)
-        # A worker lives on one node: never more than the nodes can hold side by side.
-        per = largest_fitting_cpus(per, alive_nodes(),
-                                   concurrent * (base_cfg.ray.num_workers or 1))
-        spec.overrides.append(f"ray.cpus_per_worker={per}")
-    _write(join(lay.root, "sweep.json"), dataclasses.asdict(spec))
-    log.info("sweep: %d trial(s), %d at a time, service budget %d (n = %d per trial)",
-             spec.num_trials(), concurrent, service_budget, n)
-    param_space = {**_search_space(spec.space), "__spec__": spec, "__shared__": shared,
-                   "__service_budget__": service_budget}
-    tune_fs, tune_path = storage.resolve(lay.tune)
-    tuner = tune.Tuner(
-        tune.with_resources(_trial, {"CPU": 0.1}),
-        param_space=param_space,
-        tune_config=tune.TuneConfig(metric=spec.metric, mode=spec.mode,
-                                    num_samples=spec.num_samples,
-                                    max_concurrent_trials=concurrent),
-        run_config=tune.RunConfig(name="sweep", storage_path=tune_path,
-                                  storage_filesystem=None if storage.is_local(tune_fs)
-                                  else tune_fs,
-                                  # Tune's trial tables print from the driver: -v only
-                                  verbose=None if console.verbose() else 0),
-    )
-    results = tuner.fit()
-    rows = []
-    for r in results:
-        params = {k: v for k, v in (r.config or {}).items() if not k.startswith("__")}
-        rows.append({**params, **{k: r.metrics.get(k) for k in
-                                  ("agreement", "calls_used", "pseudo_label_agreement",
-                                   "mlflow_run_id")},
-                     "error": str(r.error) if r.error else None})
-    def rank(row: dict) -> float:
-        value = row.get(spec.metric)
-        if value is None:
-            return math.inf  # failed trials last
-        return -value if spec.mode == "max" else value
+    cfg = from_dict(ctx.spec.base, ctx.spec.overrides + ctx.pins + [
+        f"output_dir={json.dumps(p.base.output_dir)}", f"budget.ledger={json.dumps(ctx.ledger)}",
+        f"budget.per_trial={max(val_calls, 1)}"])
+    return connect_teacher_service(cfg, p.num_classes, budget=ctx.service_budget,
+                                   ledger_uri=ctx.ledger, trial=VALIDATION_CLIENT)
 
-    rows.sort(key=rank)
-    _write(join(lay.root, "sweep_results.json"), rows)
-    return rows
+
+def _buy_validation(p: Prepared, teacher, spec: SweepSpec):
+    """The attacker objective's labels: val_per_class proxy validation images of each
+    generation class, picked from the sweep's seed, bought once (free when resumed)."""
+    from aspkd_ray.aspkd.rounds import pick_bought_val
+    from aspkd_ray.train.attack import SharedValidation
+
+    seed = p.base.seed if spec.seed is None else spec.seed
+    rows = p.proxy.val[pick_bought_val(p.proxy.classes[p.proxy.val], spec.val_per_class,
+                                       seed)]
+    images = p.proxy.read(rows)
+    labels = teacher.buy([str(i) for i in p.proxy.ids[rows]], p.proxy.classes[rows], images)
+    return SharedValidation(images=images,
+                            labels=labels if labels.ndim == 1 else labels.argmax(1))
+
+
+def _tracker(ctx: SweepContext, parent, base: Config):
+    from aspkd_ray.sweep.tracking import SweepTracker
+
+    return SweepTracker(parent.info.run_id, parent.info.experiment_id, ctx.spec.objective,
+                        functools.partial(trial_config, ctx),
+                        (_service_name(base), base.ray.namespace))
+
+
+def _tuner(spec: SweepSpec, ctx: SweepContext, p: Prepared, tracker):
+    """A new Tuner, or the interrupted one restored (its finished trials kept)."""
+    from ray import tune
+
+    from aspkd_ray.sweep.search import SCHEDULERS, SEARCHES, search_space
+
+    trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx),
+                                    {"CPU": TRIAL_CPUS})
+    fs, path = storage.resolve(p.lay.tune)
+    fs = None if storage.is_local(fs) else fs
+    experiment = f"{path.rstrip('/')}/sweep"
+    if tune.Tuner.can_restore(experiment, storage_filesystem=fs):
+        # Unfinished and failed trials run again (a rerun trial resumes from its last round
+        # checkpoint; its labels are free); finished ones are kept as they are.
+        return tune.Tuner.restore(experiment, trainable, resume_unfinished=True,
+                                  resume_errored=True, storage_filesystem=fs)
+    seed = p.base.seed if spec.seed is None else spec.seed
+    return tune.Tuner(
+        trainable, param_space=search_space(spec.space),
+        tune_config=tune.TuneConfig(metric=spec.metric, mode="max",
+                                    num_samples=spec.num_samples,
+                                    search_alg=SEARCHES.get(spec.search)(spec, seed,
+                                                                         p.concurrent),
+                                    scheduler=SCHEDULERS.get(spec.scheduler)(spec)),
+        run_config=tune.RunConfig(name="sweep", storage_path=path, storage_filesystem=fs,
+                                  callbacks=[tracker],
+                                  # Tune's trial tables print from the driver: -v only
+                                  verbose=None if console.verbose() else 0))
+
+
+_TRIAL_ID = re.compile(r"_([0-9a-f]{5}_\d{5})(?:_|$)")
+
+
+def _trial_id(result) -> str | None:
+    tid = (result.metrics or {}).get("trial_id")
+    if tid:
+        return tid
+    found = _TRIAL_ID.search(Path(str(result.path)).name)
+    return found.group(1) if found else None
+
+
+def _evaluate(spec: SweepSpec, ctx: SweepContext, p: Prepared, results, tracker,
+              teacher) -> list[dict]:
+    """Every trial's row: its parameters, last reported objective, and the test agreement of
+    each of its rounds, measured here by the experimenter's oracle (never in a trial with
+    the attacker objective); its MLflow child run is then completed."""
+    from aspkd_ray.evaluation.rounds import evaluate_rounds
+    from aspkd_ray.sweep.tracking import finish_child
+    from aspkd_ray.train.attack import stored_rounds
+
+    spent = teacher.status()["trial_spent"]
+    rows = []
+    for result in results:
+        tid = _trial_id(result)
+        params = {k: v for k, v in (result.config or {}).items() if k in spec.space}
+        if tid is None:
+            rows.append({**params, "status": "error", "error": str(result.error)})
+            continue
+        cfg = trial_config(ctx, params, tid)
+        metrics = result.metrics or {}
+        # The rounds Tune received: a trial its scheduler stopped may finish one more round
+        # before its process is killed, which counts for nothing.
+        done = int(metrics.get(ROUND) or 0)
+        rounds = [r for r in stored_rounds(run_layout(cfg).train) if r[1][ROUND] <= done]
+        ev = evaluate_rounds(cfg, rounds, p.proxy, p.num_classes) if rounds else None
+        planned = num_rounds(cfg, p.num_classes)
+        run_id = tracker.child(tid, params)
+        status = ("error" if result.error else "unfinished" if not tracker.ended(run_id)
+                  else "stopped early" if done < planned else "done")
+        row = {"trial": tid, **params,
+               "val_agreement": metrics.get("val_agreement"),
+               "agreement": ev.rounds[-1]["agreement"] if ev else None,
+               "agreement_by_round": [r["agreement"] for r in ev.rounds] if ev else [],
+               "pseudo_label_agreement": (ev.pseudo_label_agreement[-1]
+                                          if ev and ev.pseudo_label_agreement else None),
+               "calls_used": int(spent.get(tid, 0)), "rounds_done": done,
+               "rounds_planned": planned, "status": status,
+               "stopped_early": status == "stopped early",
+               "teacher_actor": metrics.get("teacher_actor"),
+               "error": str(result.error) if result.error else None}
+        row["mlflow_run_id"] = run_id
+        if status != "unfinished":  # an interrupted trial's run goes on when resumed
+            finish_child(run_id, row, ev, {"error": "FAILED", "stopped early": "KILLED"}
+                         .get(status, "FINISHED"))
+        rows.append(row)
+    from aspkd_ray.sweep.results import rank_rows
+
+    return rank_rows(rows, spec.metric)
+
+
+def _publish(spec: SweepSpec, p: Prepared, rows: list[dict], spent: dict) -> None:
+    """sweep_results.{json,md}, sweep.png and best.yaml under the sweep's root, and in the
+    MLflow parent run (with the best trial's objective and test agreement)."""
+    import mlflow
+
+    from aspkd_ray.sweep.results import (
+        best_config_yaml,
+        plot_parameters,
+        results_markdown,
+    )
+
+    keys = list(spec.space)
+    files = {"sweep_results.json": json.dumps(rows, indent=2, default=str),
+             "sweep_results.md": results_markdown(rows, keys, spec.objective, spec.metric,
+                                                  spent)}
+    best = next((r for r in rows if isinstance(r.get(spec.metric), (int, float))), None)
+    if best is not None:
+        files["best.yaml"] = best_config_yaml(
+            spec.base, spec.overrides, {k: best[k] for k in keys},
+            f"best trial {best['trial']} of the sweep by {spec.metric} "
+            f"(objective: {spec.objective}): {best[spec.metric]:.2f}; "
+            f"aspkd steal --config best.yaml")
+        mlflow.log_metrics({f"best_{spec.metric}": float(best[spec.metric]),
+                            "best_test_agreement": float(best.get("agreement") or np.nan)})
+        mlflow.set_tag("aspkd.best_trial", best["trial"])
+    mlflow.log_metrics({"spent": float(spent.get("spent", 0)),
+                        "validation_calls": float(spent.get("validation", 0))})
+    with tempfile.TemporaryDirectory(prefix="aspkd-sweep-") as tmp:
+        for name, text in files.items():
+            (Path(tmp) / name).write_text(text)
+        plot_parameters(rows, spec.space, spec.metric, Path(tmp) / "sweep.png")
+        for name in [*files, "sweep.png"]:
+            storage.write_bytes(*storage.resolve(join(p.lay.root, name)),
+                                (Path(tmp) / name).read_bytes())
+            mlflow.log_artifact(str(Path(tmp) / name))
 
 
 def _write(location: str, data: object) -> None:

@@ -74,3 +74,8 @@ class LeaseLost(UserError):
 class LedgerUnavailable(UserError):
     """The teacher service cannot reach the ledger it was created with (a local folder on a
     node that is gone, storage down): it refuses to answer rather than start from 0 spent."""
+
+
+class TrialClosed(UserError):
+    """The sweep ended this trial (its scheduler stopped it, or it finished): the shared
+    teacher service sells it nothing more, so a stopped trial spends no more budget."""

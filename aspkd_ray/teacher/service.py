@@ -65,6 +65,7 @@ class TeacherService:
         # A service that cannot open its ledger stays up and refuses every call with the
         # reason (raising here would make Ray restart it forever, or hide the reason).
         self.refusal: tuple[str, str] | None = None
+        self._closed_trials: set[str] = set()  # trials a sweep ended: no more sales
         name = victim_name(cfg)
         try:
             # Never create the ledger here: the driver did. A restarted service that finds
@@ -105,7 +106,7 @@ class TeacherService:
     def describe(self) -> dict:
         out = {"budget": self.budget, "output": self.cfg.victim.output,
                "num_classes": self.num_classes, "ledger": self.ledger_uri, "pid": os.getpid(),
-               "started": self.started, "refusal": self.refusal}
+               "actor_id": _actor_key(), "started": self.started, "refusal": self.refusal}
         if self.ledger is not None:
             out.update({"budget": self.ledger.budget, "output": self.ledger.output,
                         "num_classes": self.ledger.num_classes, "ledger": self.ledger.uri,
@@ -128,10 +129,19 @@ class TeacherService:
             self.ledger.close()
             self.refusal = ("LeaseLost", "the teacher service was closed; reconnect.")
 
+    def close_trial(self, trial: str) -> None:
+        """Sell nothing more to `trial` (a sweep's driver calls it when Tune ends a trial:
+        a trial its scheduler stopped may still run until its process is killed)."""
+        self._closed_trials.add(trial)
+
     def buy(self, ids: list[str], classes: np.ndarray, images: np.ndarray, trial: str | None,
             trial_cap: int | None) -> dict:
         if self.refusal is not None:
             return {"refusal": self.refusal}
+        if trial in self._closed_trials:
+            return {"refusal": ("TrialClosed", f"trial {trial} was ended by the sweep (its "
+                                               f"scheduler stopped it, or it finished); it "
+                                               f"buys nothing more.")}
         with self._buy_lock:
             self.counters["requests"] += 1
             try:
@@ -269,6 +279,11 @@ class TeacherClient:
         return self._info["budget"]
 
     @property
+    def actor_id(self) -> str | None:
+        """The Ray actor id of the service this client last reached (one per incarnation)."""
+        return self._info.get("actor_id")
+
+    @property
     def num_classes(self) -> int:
         return self._info["num_classes"]
 
@@ -305,6 +320,10 @@ class TeacherClient:
     def describe(self) -> dict:
         """The running service: budget, output, num_classes, ledger, victim, pid, started."""
         return self._call("describe")
+
+    def close_trial(self, trial: str) -> None:
+        """The service sells nothing more to `trial` (a sweep trial Tune ended)."""
+        self._call("close_trial", trial)
 
     def shutdown(self) -> None:
         """Release the ledger's lease and stop the service actor (the ledger stays; the next

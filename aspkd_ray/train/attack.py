@@ -58,6 +58,16 @@ class AttackJob:
     budget_total: int
     ledger_uri: str
     trial: str | None = None     # Tune trial name (per-trial cap), None when standalone
+    objective: SharedValidation | None = None  # a sweep's shared bought validation labels
+
+
+@dataclass
+class SharedValidation:
+    """Proxy validation images whose labels a sweep bought once for all its trials: every
+    round's student is scored on them (`val_agreement`), the attacker's own objective."""
+
+    images: np.ndarray           # uint8, as stored
+    labels: np.ndarray           # the victim's class for each
 
 
 def _make_student(cfg: Config, num_classes: int, chans: int, size: int) -> torch.nn.Module:
@@ -203,7 +213,7 @@ def _attack(job: AttackJob, rank: int, world: int) -> None:
     if isinstance(pool, ProxyPool):
         pool.x, pool.x_val = pool.x.to(device), pool.x_val.to(device)
 
-    buy = None
+    buy, client = None, None
     if rank == 0 and not job.settings.prompt_only:  # the baseline never touches the teacher
         client = connect_teacher_service(job.cfg, job.num_classes, budget=job.budget_total,
                                          ledger_uri=job.ledger_uri, trial=job.trial)
@@ -215,10 +225,17 @@ def _attack(job: AttackJob, rank: int, world: int) -> None:
             return client.buy([job.ids[r] for r in rows], job.classes[rows], read(rows))
 
     node = ray.get_runtime_context().get_node_id()
+    score = _objective_scorer(job) if rank == 0 else None
 
     def on_round(st: AttackState, model: torch.nn.Module) -> None:
         metrics = {k: v for k, v in st.history[-1].items() if isinstance(v, (int, float))}
         metrics["round_done"] = st.round
+        metrics["calls_used"] = int(len(st.bought_idx)) + (
+            0 if st.bought_val is None else len(st.bought_val["idx"]))
+        if score is not None:
+            metrics["val_agreement"] = score(model)
+        if client is not None:  # which service incarnation answered (a sweep shares one)
+            metrics["teacher_actor"] = client.actor_id
         # Where each rank ran and what it holds, in rank 0's metrics (the ones Ray Train
         # keeps with the checkpoint): ranks that drifted apart are a bug, seen here first.
         me = {"rank": rank, "node_id": node, "weights_sha256": weights_digest(model)}
@@ -240,12 +257,27 @@ def _attack(job: AttackJob, rank: int, world: int) -> None:
                on_round=on_round)
 
 
-def run_attack(job: AttackJob, location: str | Path) -> list[tuple[object, dict]]:
+def _objective_scorer(job: AttackJob):
+    """model -> % agreement with the shared validation labels (None without them)."""
+    from aspkd_ray.aspkd.distill import accuracy
+    from aspkd_ray.datasets import to_tensor
+
+    if job.objective is None:
+        return None
+    size, chans = job.input_shape
+    x = to_tensor(job.objective.images, size, chans)  # predict_logits moves each batch
+    y = torch.as_tensor(job.objective.labels, dtype=torch.long)
+    return lambda model: accuracy(getattr(model, "module", model), x, y)
+
+
+def run_attack(job: AttackJob, location: str | Path,
+               callbacks: tuple | list = ()) -> list[tuple[object, dict]]:
     """Run the attack on Ray Train; return every round's (ray.train.Checkpoint, metrics).
 
     `location`: where Ray Train keeps its checkpoints, a local folder or a storage URI
     (s3://…): workers on any node write there, and the driver reads every round from there
-    (`load_round`), never from a worker's disk.
+    (`load_round`), never from a worker's disk. `callbacks`: Ray Train callbacks, e.g. a
+    sweep's per-round reports to Tune.
 
     An exception raised by the attack code is raised here, the same type and message, after
     one attempt (a stand-in RuntimeError naming its type if it cannot cross processes); a
@@ -283,6 +315,7 @@ def run_attack(job: AttackJob, location: str | Path) -> list[tuple[object, dict]
                                                               if plan.use_gpu else {})}),
         run_config=RunConfig(name="attack", storage_path=path, storage_filesystem=fs,
                              checkpoint_config=CheckpointConfig(num_to_keep=None),
+                             callbacks=list(callbacks),
                              failure_config=FailureConfig(max_failures=MAX_FAILURES)),
     )
     try:
@@ -313,3 +346,34 @@ def load_round(checkpoint) -> tuple[AttackState, dict]:
     stored (a local folder, or downloaded from object storage to a temporary folder)."""
     with checkpoint.as_directory() as folder:
         return load_round_checkpoint(folder)
+
+
+def stored_rounds(location: str) -> list[tuple[object, dict]]:
+    """Every round checkpoint an attack left at `location` (its Ray Train storage, as given
+    to `run_attack`), as (ray.train.Checkpoint, that round's metrics), in round order; read
+    from storage alone, for attacks whose `run_attack` result is gone (sweep trials, a
+    trial stopped by its scheduler)."""
+    import pyarrow.fs as pafs
+    from ray.train import Checkpoint
+
+    fs, path = storage.resolve(str(location))
+    folder = f"{path.rstrip('/')}/attack"
+    try:
+        entries = fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True))
+    except OSError:
+        return []
+    by_round: dict[int, tuple[str, object, dict]] = {}
+    for entry in entries:
+        if entry.type != pafs.FileType.Directory or not entry.base_name.startswith("checkpoint_"):
+            continue
+        checkpoint = Checkpoint(entry.path, filesystem=None if storage.is_local(fs) else fs)
+        try:
+            state, _ = load_round(checkpoint)
+        except Exception as exc:  # noqa: BLE001 - a round cut short while being written
+            log.warning("skipping unreadable round checkpoint %s: %s", entry.path, exc)
+            continue
+        metrics = {**(state.history[-1] if state.history else {}), "round_done": state.round}
+        # A worker group restarted mid-round may write one round twice: the later one counts.
+        if state.round not in by_round or entry.base_name > by_round[state.round][0]:
+            by_round[state.round] = (entry.base_name, checkpoint, metrics)
+    return [(c, m) for _, c, m in (by_round[r] for r in sorted(by_round))]
