@@ -54,7 +54,8 @@ def run_sweep(study: str, scenario: str, work: Path) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     sweep = ROOT / "tune_configs" / f"sweep-{study}-{scenario}.yaml"
     t = time.time()
-    proc = subprocess.run([str(ROOT / ".venv/bin/aspkd"), "sweep", "--sweep", str(sweep),
+    proc = subprocess.run([sys.executable, "-m", "aspkd_ray.cli.main", "sweep", "--sweep",
+                           str(sweep),
                            "--output-dir", str(out), "--set",
                            f"proxy.dir={proxy_dir(scenario)}"], capture_output=True, text=True)
     wall = round(time.time() - t, 1)
