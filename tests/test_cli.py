@@ -211,6 +211,30 @@ def test_sweep_refuses_an_empty_space(capsys, tmp_path):
     assert not out.exists()
 
 
+def test_sweep_prints_every_trial_best_first(capsys, tmp_path, monkeypatch):
+    import aspkd_ray.sweep.tune as tune_module
+
+    (tmp_path / "base.yaml").write_text("seed: 1\n")
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text("base: base.yaml\nsweep:\n  space: {aspkd.k: {grid: [3, 5, 7]}}\n")
+    rows = [
+        {"trial": "a", "aspkd.k": 5, "val_agreement": 61.0, "agreement": 60.5,
+         "calls_used": 80, "rounds_done": 3, "rounds_planned": 3, "status": "done"},
+        {"trial": "b", "aspkd.k": 3, "val_agreement": 20.0, "agreement": 19.0,
+         "calls_used": 27, "rounds_done": 1, "rounds_planned": 3, "status": "stopped early",
+         "stopped_early": True},
+        {"trial": "c", "aspkd.k": 7, "status": "error", "error": "RuntimeError: boom"},
+    ]
+    monkeypatch.setattr(tune_module, "run_sweep", lambda spec, out: rows)
+    assert main(["sweep", "--sweep", str(sweep), "--output-dir", str(tmp_path / "o")]) == 0
+    out = capsys.readouterr().out
+    assert "3 trial(s), best first by val_agreement (objective: attacker)" in out
+    assert "aspkd.k=5: 61.0% validation agreement, 60.5% test agreement, 80 calls, 3/3" in out
+    assert "aspkd.k=3: 20.0% validation agreement, 19.0% test agreement, 27 calls, 1/3" in out
+    assert "aspkd.k=7: failed: RuntimeError: boom" in out
+    assert out.index("aspkd.k=5") < out.index("aspkd.k=3") < out.index("aspkd.k=7")
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
