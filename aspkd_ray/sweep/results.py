@@ -76,8 +76,9 @@ def plot_parameters(rows: list[dict], space: dict, metric: str, path: str | Path
                 if not pts:
                     continue
                 xs, ys = zip(*pts, strict=True)
-                ax.scatter(xs, ys, marker=marker, label=name + (" (stopped)" if stopped
-                                                                else ""),
+                shown = "test agreement" if name == "agreement" else name
+                ax.scatter(xs, ys, marker=marker, label=shown + (" (stopped)" if stopped
+                                                                 else ""),
                            facecolors="none" if stopped else color, edgecolors=color)
         if categorical:
             ax.set_xticks(range(len(labels)), labels)

@@ -71,25 +71,27 @@ def run_trial(params: dict, ctx: SweepContext) -> None:
 
 
 def _reporter(objective: str, cfg: Config, num_classes: int) -> TuneReportCallback:
-    if objective == "research":
-        return ResearchReport(cfg, num_classes)
-    return TuneReportCallback()
+    return RoundReport(cfg, num_classes, research=objective == "research")
 
 
-class ResearchReport(TuneReportCallback):
-    """Tune's callback, plus each round student's test agreement with the victim (the
-    research objective: the experimenter's oracle, used in the Train controller)."""
+class RoundReport(TuneReportCallback):
+    """Tune's callback for Ray Train, reporting rank 0's round metrics without the per-rank
+    details (a list Tune's loggers cannot store); with the research objective, plus the
+    round student's test agreement with the victim (the experimenter's oracle, used in the
+    Train controller)."""
 
-    def __init__(self, cfg: Config, num_classes: int) -> None:
+    def __init__(self, cfg: Config, num_classes: int, research: bool) -> None:
         super().__init__()
-        self.cfg, self.num_classes, self.judge = cfg, num_classes, None
+        self.cfg, self.num_classes, self.research, self.judge = cfg, num_classes, research, None
 
     def after_report(self, run_context, metrics, checkpoint) -> None:
-        if checkpoint is not None and metrics:
-            from aspkd_ray.evaluation.rounds import TestJudge
+        if metrics:
+            first = {k: v for k, v in metrics[0].items() if k != "workers"}
+            if self.research and checkpoint is not None:
+                from aspkd_ray.evaluation.rounds import TestJudge
 
-            if self.judge is None:
-                self.judge = TestJudge(self.cfg, self.num_classes)
-            metrics = [{**metrics[0], "agreement": self.judge.agreement(checkpoint)},
-                       *metrics[1:]]
+                if self.judge is None:
+                    self.judge = TestJudge(self.cfg, self.num_classes)
+                first["agreement"] = self.judge.agreement(checkpoint)
+            metrics = [first, *metrics[1:]]
         super().after_report(run_context, metrics, checkpoint)

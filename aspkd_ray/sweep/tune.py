@@ -263,7 +263,8 @@ def _tuner(spec: SweepSpec, ctx: SweepContext, p: Prepared, tracker):
                                   verbose=None if console.verbose() else 0))
 
 
-_TRIAL_ID = re.compile(r"_([0-9a-f]{5}_\d{5})(?:_|$)")
+# Tune's trial ids: "<5 hex>_<5 digits>" (basic search) or 8 hex digits (searchers).
+_TRIAL_ID = re.compile(r"_([0-9a-f]{5}_\d{5}|[0-9a-f]{8})(?:_|$)")
 
 
 def _trial_id(result) -> str | None:
