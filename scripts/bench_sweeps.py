@@ -95,6 +95,7 @@ def summarise(result: dict) -> list[dict]:
 
 def plot(results: list[dict], path: Path) -> None:
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -108,6 +109,10 @@ def plot(results: list[dict], path: Path) -> None:
             ax.errorbar(xs, [row["mean"] for row in rows], yerr=[row["ci95"] for row in rows],
                         marker="o", capsize=3, label=r["scenario"])
         ax.set_xscale("log")
+        values = sorted({row["value"] for r in ok if r["study"] == study
+                         for row in r["summary"]})
+        ax.set_xticks(values, [f"{v:g}" for v in values])
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel(STUDIES[study][0])
         ax.set_ylabel("% test agreement (mean, 95% CI, 3 seeds)")
         ax.grid(alpha=0.3)
@@ -123,7 +128,9 @@ def markdown(results: list[dict], command: str) -> str:
              f"{sys.platform}); each sweep is one `aspkd sweep` of 9 trials (3 values x "
              f"seeds 0-2), research objective, training.max_epochs=10. Agreement: the "
              f"student's with the victim on the test split. CI: 95% t-interval over the 3 "
-             f"seeds; diff: paired by seed against the config's default value.", "",
+             f"seeds; diff: paired by seed against the config's default value. Times in "
+             f"the headings are wall times on a shared 2-core machine (other jobs ran beside "
+             f"some sweeps): rough.", "",
              "![sweeps](sweeps.png)", ""]
     for r in results:
         key, default = STUDIES[r["study"]]
@@ -148,7 +155,16 @@ def main() -> None:
     ap.add_argument("--work", default=str(ROOT / "runs" / "bench-sweeps"))
     ap.add_argument("--studies", nargs="*", default=list(STUDIES))
     ap.add_argument("--scenarios", nargs="*", default=list(SCENARIOS))
+    ap.add_argument("--replot", action="store_true",
+                    help="redraw sweeps.png and sweeps.md from benchmarks/sweeps.json")
     args = ap.parse_args()
+    out = ROOT / "benchmarks"
+    command = "python scripts/bench_sweeps.py"
+    if args.replot:
+        results = json.loads((out / "sweeps.json").read_text())["results"]
+        plot(results, out / "sweeps.png")
+        (out / "sweeps.md").write_text(markdown(results, command))
+        return
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     results = []
@@ -160,8 +176,6 @@ def main() -> None:
                 r["summary"] = summarise(r)
             print(f"  {r['status']} in {r['wall_s']} s", flush=True)
             results.append(r)
-    out = ROOT / "benchmarks"
-    command = "python scripts/bench_sweeps.py"
     (out / "sweeps.json").write_text(json.dumps({"command": command, "results": results},
                                                 indent=2, default=str))
     plot(results, out / "sweeps.png")
