@@ -109,8 +109,14 @@ def test_two_trial_sweep_on_s3(ray_session, sets, s3_root, tmp_path):
     assert all(r["calls_used"] == 10 for r in rows)
     assert not work.exists()
     status = Ledger(f"{s3_root}/ledger", create=False).status()
-    assert 10 <= status["spent"] <= 20 and len(status["trial_spent"]) == 2
+    validation = status["trial_spent"]["sweep-validation"]  # the attacker objective's labels
+    assert set(status["trial_spent"]) == {"sweep-validation", *(r["trial"] for r in rows)}
+    assert 10 + validation <= status["spent"] <= 20 + validation
     objects = _objects(s3_root)
-    assert "sweep_results.json" in objects and any(k.startswith("ray_tune/") for k in objects)
+    assert {"sweep.json", "sweep_results.json", "sweep_results.md", "sweep.png", "best.yaml",
+            "mlflow.db"} <= set(objects)
+    assert any(k.startswith("ray_tune/") for k in objects)
     trials = {k.split("/")[1] for k in objects if k.startswith("trials/")}
-    assert len(trials) == 2 and all(f"trials/{t}/summary.json" in objects for t in trials)
+    assert trials == {r["trial"] for r in rows}
+    assert all(any(k.startswith(f"trials/{t}/ray_train/attack/checkpoint_") for k in objects)
+               for t in trials)
