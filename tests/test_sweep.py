@@ -89,9 +89,9 @@ def test_sweep_interrupted_resumed_asha_attacker_objective(ray_without_oracle, t
         "generator": {"kind": "plugin", "plugin": f"{plugin}:make", "batch_size": 50},
         "proxy": {"per_class": 20, "dir": str(tmp_path / "shared")},
         "budget": {"calls_per_class": 2},   # 2 rounds of 10 calls
-        "victim": {"training": {"max_epochs": 2}},
+        "victim": {"training": {"max_epochs": 1}},
         "student": {"pretrain": "proxy_prompts"},  # good arms start from the prompts' classes
-        "training": {"max_epochs": 4, "patience": 1},
+        "training": {"max_epochs": 3, "patience": 1},
     }))
     # The last arm cannot learn (lr 1e-9), not even from the prompts: ASHA must stop it after
     # its first round, once any other arm reported that round.
