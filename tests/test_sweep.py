@@ -121,8 +121,6 @@ def test_sweep_interrupted_resumed_asha_attacker_objective(ray_without_oracle, t
     by_lr = {r["training.lr"]: r for r in rows}
     bad = by_lr[1e-9]
     assert bad["stopped_early"] and bad["rounds_done"] == 1 < bad["rounds_planned"] == 2
-    assert all(r["rounds_done"] == 2 for lr, r in by_lr.items() if lr != 1e-9) or any(
-        r["stopped_early"] for lr, r in by_lr.items() if lr != 1e-9)
     # attacker objective from every trial, test agreement measured by the driver
     assert all(isinstance(r["val_agreement"], float) and isinstance(r["agreement"], float)
                for r in rows)

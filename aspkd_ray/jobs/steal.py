@@ -269,8 +269,8 @@ def attack_rounds(a: OpenAttack, *, trial: str | None = None,
     from aspkd_ray.train.attack import run_attack
 
     teacher = _teacher(a.cfg, a.num_classes, service_budget or a.n, a.lay.ledger, trial)
-    job = _attack_job(a.cfg, a.proxy, a.num_classes, a.n, service_budget, a.lay.ledger, trial)
-    job.objective = objective
+    job = _attack_job(a.cfg, a.proxy, a.num_classes, a.n, service_budget, a.lay.ledger, trial,
+                      objective)
     return teacher, run_attack(job, a.lay.train, callbacks=callbacks)
 
 
@@ -346,7 +346,7 @@ def _calls_used(teacher, trial: str | None) -> int:
 
 
 def _attack_job(cfg: Config, proxy, num_classes: int, n: int, service_budget: int | None,
-                ledger: str, trial: str | None):
+                ledger: str, trial: str | None, objective=None):
     """What every Ray Train worker of the attack gets."""
     import ray
 
@@ -360,7 +360,7 @@ def _attack_job(cfg: Config, proxy, num_classes: int, n: int, service_budget: in
         ids=[str(i) for i in proxy.ids], classes=proxy.classes, train=proxy.train,
         val=proxy.val, images_ref=ray.put(proxy.images)
         if memory else None, input_shape=input_shape(cfg), num_classes=num_classes,
-        budget_total=service_budget or n, ledger_uri=ledger, trial=trial)
+        budget_total=service_budget or n, ledger_uri=ledger, trial=trial, objective=objective)
 
 
 def build_summary(cfg: Config, ev, n: int, num_classes: int, calls_used: int,

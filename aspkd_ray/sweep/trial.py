@@ -67,11 +67,8 @@ def run_trial(params: dict, ctx: SweepContext) -> None:
     attack = open_attack(cfg, Stopwatch(), trial=trial, service_budget=ctx.service_budget)
     attack_rounds(attack, trial=trial, service_budget=ctx.service_budget,
                   objective=ctx.validation,
-                  callbacks=[_reporter(ctx.spec.objective, cfg, attack.num_classes)])
-
-
-def _reporter(objective: str, cfg: Config, num_classes: int) -> TuneReportCallback:
-    return RoundReport(cfg, num_classes, research=objective == "research")
+                  callbacks=[RoundReport(cfg, attack.num_classes,
+                                         research=ctx.spec.objective == "research")])
 
 
 class RoundReport(TuneReportCallback):

@@ -97,7 +97,6 @@ def run_sweep(spec: SweepSpec, output_dir: str | Path) -> list[dict]:
 
 def _prepare(spec: SweepSpec, output_dir: str | Path) -> Prepared:
     """Config, Ray, the victim and the shared proxy set, made once before any trial."""
-    from aspkd_ray.generation import read_manifest
     from aspkd_ray.jobs.steal import ensure_proxy, ensure_victim
     from aspkd_ray.layout import input_shape
     from aspkd_ray.pool import open_pool
@@ -109,9 +108,8 @@ def _prepare(spec: SweepSpec, output_dir: str | Path) -> Prepared:
         Path(lay.root).mkdir(parents=True, exist_ok=True)
     connect(base.ray.address, base.ray.namespace)
     ensure_victim(base)
-    proxy_location = ensure_proxy(base)
-    num_classes = len(read_manifest(proxy_location).get("class_names") or ())
-    proxy = open_pool(base, proxy_location, *input_shape(base))
+    proxy = open_pool(base, ensure_proxy(base), *input_shape(base))
+    num_classes = len(proxy.class_names)
     concurrent, sizing = trial_resources(base, spec)
     return Prepared(base, lay, proxy, num_classes, total_budget(base, num_classes), concurrent,
                     sizing)
@@ -281,6 +279,7 @@ def _evaluate(spec: SweepSpec, ctx: SweepContext, p: Prepared, results, tracker,
     each of its rounds, measured here by the experimenter's oracle (never in a trial with
     the attacker objective); its MLflow child run is then completed."""
     from aspkd_ray.evaluation.rounds import evaluate_rounds
+    from aspkd_ray.sweep.results import rank_rows
     from aspkd_ray.sweep.tracking import finish_child
     from aspkd_ray.train.attack import stored_rounds
 
@@ -319,8 +318,6 @@ def _evaluate(spec: SweepSpec, ctx: SweepContext, p: Prepared, results, tracker,
             finish_child(run_id, row, ev, {"error": "FAILED", "stopped early": "KILLED"}
                          .get(status, "FINISHED"))
         rows.append(row)
-    from aspkd_ray.sweep.results import rank_rows
-
     return rank_rows(rows, spec.metric)
 
 
