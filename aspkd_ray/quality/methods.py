@@ -1,0 +1,73 @@
+"""What the quality benchmark compares: each method is a set of config switches over the
+same round loop (`aspkd.rounds.run_rounds`), registered by name like every other extension
+point. The scenario's own config is the "same start" (the init step on generation classes
+and the prior correction, as the embedded configs ship)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from aspkd_ray.registry import Registry
+
+
+@dataclass(frozen=True)
+class Method:
+    overrides: tuple[str, ...] = ()  # --set switches over the scenario's config
+    pool: str = "proxy"              # proxy: the generated proxy set; natural: a natural pool
+    budgeted: bool = True            # False: one row per seed, not per calls_per_class
+    label: str = ""                  # how tables and plots name it
+
+
+METHODS: Registry[Method] = Registry("method")
+register_method = METHODS.register
+
+_PLAIN = ("student.pretrain=none", "aspkd.prior_correction=false")
+
+
+def _add(name: str, method: Method) -> None:
+    register_method(name)(method)
+
+
+# The paper's Table 3 over the same start: vanilla, +active, +self-paced, both (ASPKD).
+_add("vanilla", Method(("aspkd.selection=random", "aspkd.self_paced=false"),
+                       label="vanilla"))
+_add("active", Method(("aspkd.selection=paper", "aspkd.self_paced=false"),
+                      label="+active"))
+_add("self_paced", Method(("aspkd.selection=random", "aspkd.self_paced=true"),
+                          label="+self-paced"))
+_add("aspkd", Method(("aspkd.selection=paper", "aspkd.self_paced=true"),
+                     label="ASPKD (both)"))
+# Algorithm 1 alone: default init, raw teacher answers.
+_add("aspkd_plain", Method(("aspkd.selection=paper", "aspkd.self_paced=true", *_PLAIN), label="Algorithm 1 alone"))
+# Knockoff Nets: random picks from a natural pool that is not the victim's data, bought
+# labels only, the same student from its default init.
+_add("knockoff", Method(("aspkd.selection=random", "aspkd.self_paced=false", *_PLAIN),
+                        pool="natural", label="Knockoff (natural pool)"))
+# Hard-label victims: class ids only.
+_add("vanilla_hard", Method(("aspkd.selection=random", "aspkd.self_paced=false",
+                             "victim.output=hard"), label="vanilla, hard labels"))
+_add("aspkd_hard", Method(("aspkd.selection=paper", "aspkd.self_paced=true",
+                           "victim.output=hard"), label="ASPKD, hard labels"))
+# References that do not depend on the budget.
+_add("prompt_only", Method(("aspkd.baseline=prompt_only",), budgeted=False, label="prompt labels only (no calls)"))
+# The teacher's labels on the whole proxy pool: one round over the same start.
+_add("teacher_all", Method(("aspkd.selection=random", "aspkd.self_paced=false",
+                            "aspkd.rounds=1"), budgeted=False,
+                           label="teacher labels on the whole pool"))
+
+# The paper's ablation, in Table 3's order; the differences the report pairs.
+ABLATION = ("vanilla", "active", "self_paced", "aspkd")
+COMPARISONS = (("aspkd", "vanilla"), ("active", "vanilla"), ("self_paced", "vanilla"),
+               ("aspkd", "active"), ("aspkd", "self_paced"), ("aspkd", "aspkd_plain"),
+               ("aspkd", "prompt_only"), ("aspkd", "knockoff"),
+               ("aspkd_hard", "vanilla_hard"))
+
+
+def get_method(name: str) -> Method:
+    return METHODS.get(name)
+
+
+def method_names() -> list[str]:
+    """Every registered method, the paper's ablation first."""
+    rest = [m for m in METHODS.names() if m not in ABLATION]
+    return [*ABLATION, *rest]
