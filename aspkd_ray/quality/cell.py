@@ -64,7 +64,8 @@ class Meter:
         plan = plan_request(ids, self.state, self.budget, "", None)
         if plan.refused:
             raise BudgetExhausted(f"{len(plan.refused)} of {len(ids)} labels refused: the "
-                                  f"budget of {self.budget} calls is spent")
+                                  f"budget of {self.budget} calls is spent", [],
+                                  self.answers[:0], ids)
         n = len(plan.granted)
         self.state.apply_reserve(plan.granted, [0] * n, [""] * n,
                                  [i in plan.new_charges for i in plan.granted])
