@@ -104,10 +104,12 @@ class PseudoLabelInput:
     num_classes: int
     distance: str                   # "cosine" | "euclidean"
     settings: object                # the aspkd config section (k, the filter, ...)
+    # the student's class for each query, computed on demand (rules that need it call it)
+    student_classes: Callable[[], np.ndarray] | None = None
 
 
 Rule = Callable[[PseudoLabelInput], "PseudoLabels"]
-RULES: Registry[Rule] = Registry("aspkd.pseudo_labels")
+RULES: Registry[Rule] = Registry("aspkd.pseudo_labels", builtins=("aspkd_ray.aspkd.variants",))
 register_pseudo_labels = RULES.register   # @register_pseudo_labels("name") on a rule
 list_pseudo_label_rules = RULES.names
 get_pseudo_label_rule = RULES.get

@@ -303,7 +303,8 @@ def run_rounds(student: nn.Module, pool: Pool, s: RoundSettings,
                     query=latents[unlabelled], reference=latents[state.bought_idx],
                     reference_labels=labels, generation_classes=pool.classes[unlabelled],
                     mode=s.output, num_classes=s.num_classes, distance=s.knn_distance,
-                    settings=s.aspkd))
+                    settings=s.aspkd,
+                    student_classes=lambda u=unlabelled: pool.predict(student)[u]))
                 pseudo = (unlabelled[pl.kept], pl.labels[pl.kept], pl.classes[pl.kept],
                           float(pl.filter_rate))
             p_idx, p_labels, p_classes, filter_rate = comm.broadcast(pseudo)

@@ -172,7 +172,7 @@ class SelectionInput:
 
 
 Strategy = Callable[[SelectionInput], SelectionResult]
-STRATEGIES: Registry[Strategy] = Registry("aspkd.selection")
+STRATEGIES: Registry[Strategy] = Registry("aspkd.selection", builtins=("aspkd_ray.aspkd.variants",))
 register_selection = STRATEGIES.register   # @register_selection("name") on a strategy
 list_selections = STRATEGIES.names
 get_selection = STRATEGIES.get

@@ -153,6 +153,18 @@ class ASPKDConfig:
                                          "filter) or any registered rule "
                                          "(aspkd/pseudo_labels.py)")
     generation_class_filter: bool = _f(True)
+    # The `confident` pseudo-label rule (aspkd/variants.py); the paper's rule ignores these.
+    pl_temperature: float = _f(0.5, gt=0.0, doc="confident rule: soft pseudo-labels "
+                                                "sharpened as p^(1/T); 1 = as averaged")
+    pl_min_confidence: float = _f(0.5, min=0.0, max=1.0,
+                                  doc="confident rule: drop pseudo-labels whose neighbours "
+                                      "agree less (top averaged probability, or vote share)")
+    pl_class_cap: float | None = _f(2.0, gt=0.0,
+                                    doc="confident rule: a class keeps at most this many "
+                                        "times the mean kept per class (the most confident); "
+                                        "None = no cap")
+    pl_student_agreement: bool = _f(False, doc="confident rule: keep only pseudo-labels the "
+                                               "student's own prediction shares")
     prior_correction: bool = _f(False, doc="divide teacher soft labels by the teacher's class "
                                            "prior on the bought set (hard: class-weighted "
                                            "loss); for victims that see the proxy set as "

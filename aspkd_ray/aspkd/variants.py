@@ -1,0 +1,142 @@
+"""Pseudo-label rules and selection strategies beyond the paper, registered beside its own.
+
+`aspkd.pseudo_labels: confident` keeps what the teacher said: the paper's kNN labels, with k
+bounded by the bought images per class (k = 5 over 2 references a class must average in
+other classes), sharpened (p^(1/T), argmax unchanged), dropped where the neighbours disagree
+(`pl_min_confidence`), optionally where the student disagrees (`pl_student_agreement`), and
+capped per class so one class cannot flood X'' (`pl_class_cap`).
+
+`aspkd.selection: kcenter` spends calls on diversity: per class (the same quotas as the
+paper's), k-center greedy in S̄: each pick is the candidate farthest from every image
+already bought or picked.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from aspkd_ray.aspkd.pseudo_labels import (
+    PseudoLabelInput,
+    PseudoLabels,
+    knn_pseudo_labels,
+    register_pseudo_labels,
+)
+from aspkd_ray.aspkd.selection import (
+    SelectionInput,
+    SelectionResult,
+    _class_quotas,
+    register_selection,
+)
+
+
+def bounded_k(k: int, n_reference: int, num_classes: int) -> int:
+    """k, at most the bought images per class (at least 1)."""
+    return max(1, min(k, n_reference // max(num_classes, 1)))
+
+
+def sharpen(labels: np.ndarray, temperature: float) -> np.ndarray:
+    """Soft labels p^(1/T), renormalised: T < 1 sharpens, T = 1 changes nothing, and the
+    argmax never changes."""
+    if temperature <= 0:
+        raise ValueError(f"aspkd.pl_temperature: got {temperature}; expected > 0.")
+    logp = np.log(np.clip(labels.astype(np.float64), 1e-12, None)) / temperature
+    p = np.exp(logp - logp.max(axis=1, keepdims=True))
+    return (p / p.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+def confidence(pl: PseudoLabels, reference_labels: np.ndarray, mode: str) -> np.ndarray:
+    """How much the neighbours agree: the top averaged probability (soft), or the share of
+    the k neighbours that voted for the winning class (hard)."""
+    if mode == "soft":
+        return pl.labels.max(axis=1).astype(np.float64)
+    votes = reference_labels[pl.neighbours] == pl.classes[:, None]
+    return votes.mean(axis=1)
+
+
+def cap_per_class(classes: np.ndarray, score: np.ndarray, kept: np.ndarray,
+                  ratio: float, num_classes: int) -> np.ndarray:
+    """`kept`, with each class limited to ceil(ratio × mean kept per class) images, the
+    highest `score` first."""
+    counts = np.bincount(classes[kept], minlength=num_classes)
+    cap = math.ceil(ratio * counts.sum() / num_classes)
+    out = kept.copy()
+    for c in np.flatnonzero(counts > cap):
+        members = np.flatnonzero(kept & (classes == c))
+        drop = members[np.argsort(-score[members], kind="stable")[cap:]]
+        out[drop] = False
+    return out
+
+
+@register_pseudo_labels("confident")
+def _confident(inp: PseudoLabelInput) -> PseudoLabels:
+    """kNN labels with k bounded per class, sharpened, kept where the neighbours agree (and
+    the student, with pl_student_agreement), at most pl_class_cap × the mean per class."""
+    a = inp.settings
+    k = bounded_k(a.k, len(inp.reference), inp.num_classes)
+    pl = knn_pseudo_labels(inp.query, inp.reference, inp.reference_labels, k=k,
+                           distance=inp.distance, mode=inp.mode, num_classes=inp.num_classes,
+                           generation_classes=inp.generation_classes,
+                           filter_by_generation_class=a.generation_class_filter)
+    score = confidence(pl, inp.reference_labels, inp.mode)
+    kept = pl.kept & (score >= a.pl_min_confidence)
+    if a.pl_student_agreement and inp.student_classes is not None:
+        kept &= pl.classes == inp.student_classes()
+    if a.pl_class_cap is not None:
+        kept = cap_per_class(pl.classes, score, kept, a.pl_class_cap, inp.num_classes)
+    labels = sharpen(pl.labels, a.pl_temperature) if inp.mode == "soft" else pl.labels
+    rate = float(1.0 - kept.mean()) if kept.size else 0.0
+    return PseudoLabels(labels, pl.classes, kept, rate, pl.neighbours, pl.distances)
+
+
+def kcenter_greedy(latents: np.ndarray, candidates: np.ndarray, centres: np.ndarray,
+                   n: int) -> np.ndarray:
+    """n candidates (row ids), each the one farthest from all centres and earlier picks."""
+    cand = latents[candidates].astype(np.float64)
+    if len(centres):
+        gap = _nearest_sq_distance(cand, latents[centres].astype(np.float64))
+    else:  # nothing bought yet: start from the candidate nearest the mean
+        gap = np.full(len(cand), np.inf)
+        first = int(np.argmin(((cand - cand.mean(0)) ** 2).sum(1)))
+        gap[first] = np.finfo(np.float64).max
+    picks = []
+    for _ in range(min(n, len(cand))):
+        i = int(np.argmax(gap))
+        picks.append(i)
+        gap = np.minimum(gap, ((cand - cand[i]) ** 2).sum(1))
+        gap[picks] = -1.0  # never again
+    return candidates[np.asarray(picks, dtype=np.int64)]
+
+
+def _nearest_sq_distance(a: np.ndarray, b: np.ndarray, chunk: int = 1024) -> np.ndarray:
+    """For each row of a, the squared Euclidean distance to its nearest row of b, by
+    ||a||² + ||b||² − 2ab in chunks of b (no N_a x N_b x D temporary)."""
+    a2 = (a ** 2).sum(1)
+    best = np.full(len(a), np.inf)
+    for start in range(0, len(b), chunk):
+        part = b[start:start + chunk]
+        d = a2[:, None] + (part ** 2).sum(1)[None] - 2.0 * a @ part.T
+        best = np.minimum(best, np.clip(d, 0.0, None).min(1))
+    return best
+
+
+@register_selection("kcenter")
+def _kcenter(inp: SelectionInput) -> SelectionResult:
+    """The paper's per-class quotas; inside a class, k-center greedy in S̄ from everything
+    bought so far (the rows that are not candidates)."""
+    latents = inp.latents()
+    n = len(inp.classes)
+    cand = np.asarray(inp.candidates, dtype=np.int64)
+    bought = np.setdiff1d(np.arange(n), cand)
+    cand_classes = inp.classes[cand]
+    quotas = _class_quotas(np.bincount(cand_classes, minlength=inp.num_classes), inp.quota,
+                           inp.rng)
+    picks = [kcenter_greedy(latents, cand[cand_classes == c], bought, int(q))
+             for c, q in enumerate(quotas) if q]
+    indices = np.sort(np.concatenate(picks)) if picks else np.zeros(0, np.int64)
+    weights = np.zeros(n)
+    weights[indices] = 1.0
+    return SelectionResult(indices, weights,
+                           np.bincount(inp.classes[indices], minlength=inp.num_classes),
+                           float("nan"))

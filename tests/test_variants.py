@@ -1,0 +1,105 @@
+"""Pseudo-label rules and selection strategies beyond the paper (aspkd/variants.py): each
+test breaks if the entry's defining property breaks."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from aspkd_ray.aspkd.pseudo_labels import PseudoLabelInput, get_pseudo_label_rule
+from aspkd_ray.aspkd.selection import SelectionInput, get_selection
+from aspkd_ray.aspkd.variants import bounded_k, cap_per_class, kcenter_greedy, sharpen
+from aspkd_ray.config import ASPKDConfig
+
+
+@pytest.mark.parametrize("temperature", [0.1, 0.5, 1.0, 3.0])
+def test_sharpening_never_changes_a_labels_argmax(temperature):
+    rng = np.random.default_rng(0)
+    p = rng.dirichlet(np.ones(10), size=500).astype(np.float32)
+    q = sharpen(p, temperature)
+    assert np.array_equal(q.argmax(1), p.argmax(1))
+    assert np.allclose(q.sum(1), 1.0, atol=1e-5)
+    if temperature < 1:
+        assert (q.max(1) >= p.max(1) - 1e-6).all() and (q.max(1) > p.max(1)).any()
+    if temperature == 1.0:
+        assert np.allclose(q, p, atol=1e-5)
+    with pytest.raises(ValueError, match="pl_temperature"):
+        sharpen(p, 0.0)
+
+
+def test_k_is_bounded_by_the_references_per_class():
+    assert bounded_k(5, 20, 10) == 2 and bounded_k(5, 640, 10) == 5 and bounded_k(5, 3, 10) == 1
+
+
+def test_per_class_caps_hold_and_keep_the_most_confident():
+    classes = np.array([0] * 10 + [1] * 2 + [2] * 2)
+    score = np.arange(14, dtype=float)
+    kept = np.ones(14, bool)
+    out = cap_per_class(classes, score, kept, ratio=1.0, num_classes=3)
+    cap = int(np.ceil(14 / 3))
+    assert np.bincount(classes[out], minlength=3).max() <= cap
+    assert np.array_equal(np.flatnonzero(out & (classes == 0)), np.arange(10 - cap, 10))
+    assert out[10:].all()  # small classes untouched
+
+
+def _input(mode="soft", **settings):
+    rng = np.random.default_rng(1)
+    centres = rng.normal(size=(4, 8)) * 5
+    ref_classes = np.repeat(np.arange(4), 3)
+    query_classes = rng.integers(0, 4, 200)
+    reference = centres[ref_classes] + rng.normal(size=(12, 8))
+    query = centres[query_classes] + rng.normal(size=(200, 8)) * 2.5
+    labels = np.eye(4, dtype=np.float32)[ref_classes] * 0.7 + 0.075
+    ref_labels = labels if mode == "soft" else ref_classes
+    student = np.where(rng.random(200) < 0.8, query_classes, (query_classes + 1) % 4)
+    return PseudoLabelInput(query=query.astype(np.float32),
+                            reference=reference.astype(np.float32),
+                            reference_labels=ref_labels, generation_classes=query_classes,
+                            mode=mode, num_classes=4, distance="euclidean",
+                            settings=dataclasses.replace(ASPKDConfig(), **settings),
+                            student_classes=lambda: student), student
+
+
+@pytest.mark.parametrize("mode", ["soft", "hard"])
+def test_confident_rule_keeps_only_agreeing_neighbours_within_caps(mode):
+    rule = get_pseudo_label_rule("confident")
+    inp, student = _input(mode, pl_min_confidence=0.6, pl_class_cap=1.2,
+                          pl_student_agreement=True, generation_class_filter=False)
+    pl = rule(inp)
+    assert pl.neighbours.shape[1] == 3  # k = 5 bounded by 3 references per class
+    if mode == "soft":
+        assert (pl.labels[pl.kept].max(1) >= 0.6).all()  # sharpened: still above τ
+        assert np.array_equal(pl.labels.argmax(1), pl.classes)
+    else:
+        votes = (inp.reference_labels[pl.neighbours] == pl.classes[:, None]).mean(1)
+        assert (votes[pl.kept] >= 0.6).all()
+    assert (pl.classes[pl.kept] == student[pl.kept]).all()
+    counts = np.bincount(pl.classes[pl.kept], minlength=4)
+    assert counts.max() <= np.ceil(1.2 * counts.sum() / 4)
+    assert 0 < pl.kept.sum() < len(pl.kept)
+    assert pl.filter_rate == pytest.approx(1 - pl.kept.mean())
+    loose = rule(_input(mode, pl_min_confidence=0.0, pl_class_cap=None,
+                        generation_class_filter=False)[0])
+    assert loose.kept.all()  # nothing asked, nothing dropped
+
+
+def test_kcenter_never_picks_twice_nor_a_bought_image_and_goes_far():
+    rng = np.random.default_rng(0)
+    latents = rng.normal(size=(300, 5)).astype(np.float32)
+    classes = np.repeat(np.arange(3), 100)
+    bought = np.array([0, 100, 200])
+    cand = np.setdiff1d(np.arange(300), bought)
+    strategy = get_selection("kcenter")
+    res = strategy(SelectionInput(quota=60, classes=classes, candidates=cand, num_classes=3,
+                                  rng=rng, latents=lambda: latents, predicted=lambda: classes,
+                                  settings=ASPKDConfig()))
+    assert len(res.indices) == len(set(res.indices)) == 60
+    assert not set(res.indices) & set(bought)
+    assert (res.per_class == 20).all()
+    # the first pick of a class is the candidate farthest from everything bought
+    members = cand[classes[cand] == 1]
+    first = kcenter_greedy(latents, members, bought, 1)[0]
+    gaps = np.min(((latents[members, None] - latents[None, bought]) ** 2).sum(-1), 1)
+    assert first == members[np.argmax(gaps)]
+    # asking for every candidate returns each exactly once
+    assert sorted(kcenter_greedy(latents, members, bought, len(members))) == list(members)
