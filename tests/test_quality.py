@@ -92,7 +92,8 @@ def test_quick_grid_end_to_end_and_resume(ray_session, tiny):
     assert main(args) == 0
     saved = json.loads((out / "quality.json").read_text())
     rows = saved["rows"]
-    budgeted = [m for m in method_names() if m not in ("prompt_only", "teacher_all")]
+    budgeted = [m for m in method_names(grid_only=True)
+                if m not in ("prompt_only", "teacher_all")]
     assert len(rows) == 2 * (2 * len(budgeted) + 2)  # 2 seeds x (2 budgets x methods + 2)
     for r in rows:
         assert set(r) >= {"scenario", "method", "output", "calls_per_class", "seed",

@@ -15,6 +15,7 @@ class Method:
     overrides: tuple[str, ...] = ()  # --set switches over the scenario's config
     pool: str = "proxy"              # proxy: the generated proxy set; natural: a natural pool
     budgeted: bool = True            # False: one row per seed, not per calls_per_class
+    in_grid: bool = True             # False: run only when named (--methods)
     label: str = ""                  # how tables and plots name it
 
 
@@ -55,19 +56,34 @@ _add("teacher_all", Method(("aspkd.selection=random", "aspkd.self_paced=false",
                             "aspkd.rounds=1"), budgeted=False,
                            label="teacher labels on the whole pool"))
 
+# Beyond the paper (aspkd/variants.py): named with --methods, compared with aspkd.
+_add("aspkd_confident", Method(("aspkd.selection=paper", "aspkd.self_paced=true",
+                                "aspkd.pseudo_labels=confident"), in_grid=False,
+                               label="ASPKD, confident pseudo-labels"))
+_add("aspkd_confident_student", Method(
+    ("aspkd.selection=paper", "aspkd.self_paced=true", "aspkd.pseudo_labels=confident",
+     "aspkd.pl_student_agreement=true", "aspkd.generation_class_filter=false"), in_grid=False,
+    label="ASPKD, confident, student filter"))
+_add("aspkd_kcenter", Method(("aspkd.selection=kcenter", "aspkd.self_paced=true"),
+                             in_grid=False, label="ASPKD, k-center picks"))
+
 # The paper's ablation, in Table 3's order; the differences the report pairs.
 ABLATION = ("vanilla", "active", "self_paced", "aspkd")
 COMPARISONS = (("aspkd", "vanilla"), ("active", "vanilla"), ("self_paced", "vanilla"),
                ("aspkd", "active"), ("aspkd", "self_paced"), ("aspkd", "aspkd_plain"),
                ("aspkd", "prompt_only"), ("aspkd", "knockoff"),
-               ("aspkd_hard", "vanilla_hard"))
+               ("aspkd_hard", "vanilla_hard"), ("aspkd_confident", "aspkd"),
+               ("aspkd_confident_student", "aspkd"), ("aspkd_kcenter", "aspkd"),
+               ("aspkd_confident", "vanilla"), ("aspkd_confident_student", "vanilla"),
+               ("aspkd_kcenter", "vanilla"))
 
 
 def get_method(name: str) -> Method:
     return METHODS.get(name)
 
 
-def method_names() -> list[str]:
-    """Every registered method, the paper's ablation first."""
+def method_names(grid_only: bool = False) -> list[str]:
+    """Registered methods (with grid_only, those of the default grid), the paper's ablation
+    first."""
     rest = [m for m in METHODS.names() if m not in ABLATION]
-    return [*ABLATION, *rest]
+    return [m for m in (*ABLATION, *rest) if not grid_only or get_method(m).in_grid]

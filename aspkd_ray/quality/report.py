@@ -10,8 +10,11 @@ from pathlib import Path
 from aspkd_ray.quality.methods import COMPARISONS, get_method, method_names
 from aspkd_ray.quality.stats import mean_std, paired_diff
 
-SELF_PACED = ("self_paced", "aspkd", "aspkd_plain", "aspkd_hard")
 TARGET_MAX_BUDGET = 16  # ASPKD ≥ vanilla is claimed up to here
+
+
+def _self_paced(m: str) -> bool:
+    return "aspkd.self_paced=true" in get_method(m).overrides
 
 
 def _label(m: str) -> str:
@@ -125,7 +128,7 @@ def _scenario_section(results, s: str, methods: list[str], budgets: list[int]) -
         lines.append(f"| {b} | " + " | ".join(
             _diff(_value(table, x, b), _value(table, y, b)) for x, y in pairs) + " |")
     pl, fr = _by(rows, s, "pseudo_label_agreement"), _by(rows, s, "filter_rate")
-    sp = [m for m in SELF_PACED if m in methods]
+    sp = [m for m in methods if _self_paced(m)]
     lines += ["", "Pseudo-labels of the last round: % the victim shares / % filtered out "
               "(means over seeds):", "",
               "| calls/class | " + " | ".join(_label(m) for m in sp) + " |",
@@ -231,7 +234,7 @@ def plot_pseudo(results, path: Path) -> Path:
                              squeeze=False)
     for ax, s in zip(axes[0], scenarios, strict=True):
         table = _by(results.rows, s, "pseudo_label_agreement")
-        for m in [m for m in SELF_PACED if m in methods]:
+        for m in [m for m in methods if _self_paced(m)]:
             _band(ax, table, m, budgets)
         _axes(ax, budgets)
         ax.set_ylabel("kept pseudo-labels the victim shares (%)")
