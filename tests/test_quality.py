@@ -80,8 +80,7 @@ def tiny(tmp_path_factory):
     return root, [a for s in sets for a in ("--set", s)]
 
 
-def test_quick_grid_end_to_end_and_resume(ray_session, tiny):
-    from aspkd_ray.errors import UserError
+def test_quick_grid_end_to_end_and_resume(ray_session, tiny, capsys):
     from aspkd_ray.quality.methods import method_names
     from aspkd_ray.quality.runner import main
 
@@ -125,5 +124,8 @@ def test_quick_grid_end_to_end_and_resume(ray_session, tiny):
 
     assert sorted(map(timeless, again[len(kept):])) == sorted(map(timeless, gone))
 
-    with pytest.raises(UserError, match="--fresh"):
-        main([*args, "--set", "training.lr=0.01"])
+    assert main([*args, "--set", "training.lr=0.01"]) == 2  # other settings: refused
+    assert "--fresh" in capsys.readouterr().err
+    (out / "quality.md").unlink()
+    assert main(["--report-only", "--output-dir", str(out)]) == 0
+    assert (out / "quality.md").read_text() == md

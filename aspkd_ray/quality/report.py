@@ -4,7 +4,6 @@ pseudo-labels against the victim, like the paper's Figure 9), from quality.json'
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 from aspkd_ray.quality.methods import COMPARISONS, get_method, method_names
@@ -82,7 +81,7 @@ def markdown(results) -> str:
     rows, st = results.rows, results.settings
     scenarios, methods, budgets = _present(rows)
     lines = ["# Quality: the paper's Table 3 and the budget curve", "",
-             f"Command: `{st['command']}` ({time.strftime('%Y-%m-%d')}; machine: "
+             f"Command: `{st['command']}` ({st.get('date', '?')}; machine: "
              f"{st['machine']}, no GPU). Benchmark settings over the scenarios' configs: "
              f"`{' '.join(st['overrides']) or 'none'}`. Each cell is one attack by the "
              "product's round loop, in process (a Ray task per cell), its teacher metered by "

@@ -52,10 +52,15 @@ class Results:
     rows: list[dict] = field(default_factory=list)
 
     @classmethod
-    def open(cls, path: Path, settings: dict, fresh: bool) -> Results:
-        if fresh or not path.exists():
+    def open(cls, path: Path, settings: dict | None, fresh: bool = False) -> Results:
+        """The results at `path` (settings None: as saved, for a report)."""
+        if settings is not None and (fresh or not path.exists()):
             return cls(path, settings)
+        if not path.exists():
+            raise UserError(f"{path} does not exist: run the benchmark first.")
         old = json.loads(path.read_text())
+        if settings is None:
+            return cls(path, old["settings"], old.get("scenarios", {}), old.get("rows", []))
         if old.get("settings", {}).get("overrides") != settings["overrides"]:
             raise UserError(f"{path} holds rows made with --set {old['settings']['overrides']}"
                             f", not {settings['overrides']}; rerun with the same settings to "
@@ -192,11 +197,16 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(__file__).resolve().parents[2]
     out = Path(args.output_dir or (root / "runs" / "bench-quality-quick" if args.quick
                                    else root / "benchmarks"))
-    settings = {"overrides": overrides, "quick": args.quick,
+    settings = {"overrides": overrides, "quick": args.quick, "date": time.strftime("%Y-%m-%d"),
                 "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
                 "command": "python scripts/bench_quality.py " + " ".join(
                     sys.argv[1:] if argv is None else argv)}
-    results = Results.open(out / "quality.json", settings, args.fresh)
+    try:
+        results = Results.open(out / "quality.json", None if args.report_only else settings,
+                               args.fresh)
+    except UserError as exc:
+        print(f"bench_quality: error: {exc}", file=sys.stderr)
+        return 2
     if not args.report_only:
         failed = _run(args, results, methods, budgets, seeds, extra, overrides)
         over = check_budgets(results.rows)
