@@ -103,3 +103,46 @@ def test_kcenter_never_picks_twice_nor_a_bought_image_and_goes_far():
     assert first == members[np.argmax(gaps)]
     # asking for every candidate returns each exactly once
     assert sorted(kcenter_greedy(latents, members, bought, len(members))) == list(members)
+
+
+def test_weight_average_follows_its_decay():
+    import torch
+
+    from aspkd_ray.aspkd.distill import WeightAverage
+
+    net = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    start = {k: v.clone() for k, v in net.state_dict().items()}
+    frozen, live = WeightAverage(net, 1.0), WeightAverage(net, 0.0)
+    half = WeightAverage(net, 0.5)
+    with torch.no_grad():
+        net[0].weight.add_(2.0)
+    for avg in (frozen, live, half):
+        avg.update(net)
+    target = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    frozen.copy_to(target)
+    assert torch.equal(target[0].weight, start["0.weight"])
+    live.copy_to(target)
+    assert torch.equal(target[0].weight, net[0].weight)
+    half.copy_to(target)
+    assert torch.allclose(target[0].weight, start["0.weight"] + 1.0)
+    assert target[1].num_batches_tracked.dtype == torch.long  # integer buffers left alone
+
+
+def test_fit_with_ema_ends_on_the_average():
+    import torch
+
+    from aspkd_ray.aspkd.distill import fit
+    from aspkd_ray.config import TrainingConfig
+
+    x, y = torch.randn(64, 3), torch.randint(0, 2, (64,))
+    cfg = TrainingConfig(max_epochs=3, early_stopping="none", augment=False, batch_size=16)
+    ends = []
+    for ema in (None, 1.0):
+        torch.manual_seed(0)
+        net = torch.nn.Linear(3, 2)
+        first = net.weight.detach().clone()
+        fit(net, x, y, dataclasses.replace(cfg, ema=ema))
+        ends.append((first, net.weight.detach().clone()))
+    (first, plain), (first_again, averaged) = ends
+    assert not torch.equal(plain, first)          # training moved the weights
+    assert torch.equal(averaged, first_again)     # decay 1: the average never moved

@@ -80,6 +80,25 @@ class FitResult:
     history: list[dict] = field(default_factory=list)
 
 
+class WeightAverage:
+    """An exponential moving average of a model's floating-point parameters and buffers
+    (running statistics follow the average too), updated after every optimiser step."""
+
+    def __init__(self, net: nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.avg = {k: v.detach().clone() for k, v in net.state_dict().items()
+                    if v.dtype.is_floating_point}
+
+    @torch.no_grad()
+    def update(self, net: nn.Module) -> None:
+        for k, v in net.state_dict().items():
+            if k in self.avg:
+                self.avg[k].mul_(self.decay).add_(v.detach(), alpha=1 - self.decay)
+
+    def copy_to(self, net: nn.Module) -> None:
+        net.load_state_dict({**net.state_dict(), **self.avg})
+
+
 Batches = Callable[[int], Iterator[tuple[torch.Tensor, torch.Tensor]]]
 
 
@@ -140,6 +159,7 @@ def fit_batches(model: nn.Module, epoch_batches: Batches, cfg: TrainingConfig, *
         class_weights = class_weights.to(device)
     aug_gen = torch.Generator().manual_seed(seed + 1)
     use_es = validate is not None and cfg.early_stopping != "none"
+    ema = WeightAverage(net, cfg.ema) if cfg.ema else None
     best_score, best_epoch, best_state, stale = -float("inf"), -1, None, 0
     history: list[dict] = []
     epoch = -1
@@ -153,6 +173,8 @@ def fit_batches(model: nn.Module, epoch_batches: Batches, cfg: TrainingConfig, *
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            if ema is not None:
+                ema.update(net)
             total += loss.item() * len(yb)
             count += len(yb)
         sched.step()
@@ -172,5 +194,7 @@ def fit_batches(model: nn.Module, epoch_batches: Batches, cfg: TrainingConfig, *
     if use_es and best_state is not None:
         net.load_state_dict(best_state)
     else:
+        if ema is not None:
+            ema.copy_to(net)
         best_epoch, best_score = epoch, history[-1].get("val_score", float("nan"))
     return FitResult(best_epoch, best_score, epoch + 1, history)

@@ -55,6 +55,10 @@ class TrainingConfig:
                                  "classes on the proxy validation split, or agreement on a "
                                  "bought (counted) teacher-labelled validation subset")
     bought_val_per_class: int = _f(0, min=0, doc="calls per class spent on bought_val")
+    ema: float | None = _f(None, gt=0.0, max=1.0,
+                           doc="keep an exponential moving average of the weights with this "
+                               "decay per step and end the fit on it (a steadier student "
+                               "than the last step's); None = off")
 
 
 @dataclass
