@@ -112,11 +112,11 @@ def test_weight_average_follows_its_decay():
 
     net = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
     start = {k: v.clone() for k, v in net.state_dict().items()}
-    frozen, live = WeightAverage(net, 1.0), WeightAverage(net, 0.0)
-    half = WeightAverage(net, 0.5)
+    frozen, live = WeightAverage(net, 1.0, False), WeightAverage(net, 0.0, False)
+    half, warm = WeightAverage(net, 0.5, False), WeightAverage(net, 0.999)
     with torch.no_grad():
         net[0].weight.add_(2.0)
-    for avg in (frozen, live, half):
+    for avg in (frozen, live, half, warm):
         avg.update(net)
     target = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
     frozen.copy_to(target)
@@ -125,6 +125,8 @@ def test_weight_average_follows_its_decay():
     assert torch.equal(target[0].weight, net[0].weight)
     half.copy_to(target)
     assert torch.allclose(target[0].weight, start["0.weight"] + 1.0)
+    warm.copy_to(target)  # step 1 of a warmed-up average: decay 2/11, not 0.999
+    assert torch.allclose(target[0].weight, start["0.weight"] + 2.0 * 9 / 11)
     assert target[1].num_batches_tracked.dtype == torch.long  # integer buffers left alone
 
 
@@ -137,12 +139,13 @@ def test_fit_with_ema_ends_on_the_average():
     x, y = torch.randn(64, 3), torch.randint(0, 2, (64,))
     cfg = TrainingConfig(max_epochs=3, early_stopping="none", augment=False, batch_size=16)
     ends = []
-    for ema in (None, 1.0):
+    for ema in (None, 1e-9, 0.9):
         torch.manual_seed(0)
         net = torch.nn.Linear(3, 2)
         first = net.weight.detach().clone()
         fit(net, x, y, dataclasses.replace(cfg, ema=ema))
         ends.append((first, net.weight.detach().clone()))
-    (first, plain), (first_again, averaged) = ends
+    (first, plain), (first_again, last), (_, averaged) = ends
     assert not torch.equal(plain, first)          # training moved the weights
-    assert torch.equal(averaged, first_again)     # decay 1: the average never moved
+    assert torch.equal(first, first_again) and torch.equal(last, plain)  # decay ~0: last step
+    assert not torch.allclose(averaged, plain)    # decay 0.9: the average, not the last step

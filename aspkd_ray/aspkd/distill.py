@@ -82,18 +82,23 @@ class FitResult:
 
 class WeightAverage:
     """An exponential moving average of a model's floating-point parameters and buffers
-    (running statistics follow the average too), updated after every optimiser step."""
+    (running statistics follow the average too), updated after every optimiser step. With
+    `warmup` the decay of step t is min(decay, (1 + t) / (10 + t)), so a fit of a few steps
+    (a round's first fit on 20 bought images) is not pinned to its starting weights."""
 
-    def __init__(self, net: nn.Module, decay: float) -> None:
-        self.decay = decay
+    def __init__(self, net: nn.Module, decay: float, warmup: bool = True) -> None:
+        self.decay, self.warmup, self.steps = decay, warmup, 0
         self.avg = {k: v.detach().clone() for k, v in net.state_dict().items()
                     if v.dtype.is_floating_point}
 
     @torch.no_grad()
     def update(self, net: nn.Module) -> None:
+        self.steps += 1
+        d = min(self.decay, (1 + self.steps) / (10 + self.steps)) if self.warmup \
+            else self.decay
         for k, v in net.state_dict().items():
             if k in self.avg:
-                self.avg[k].mul_(self.decay).add_(v.detach(), alpha=1 - self.decay)
+                self.avg[k].mul_(d).add_(v.detach(), alpha=1 - d)
 
     def copy_to(self, net: nn.Module) -> None:
         net.load_state_dict({**net.state_dict(), **self.avg})
