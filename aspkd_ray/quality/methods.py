@@ -66,6 +66,12 @@ _add("aspkd_confident_student", Method(
     label="ASPKD, confident, student filter"))
 _add("aspkd_kcenter", Method(("aspkd.selection=kcenter", "aspkd.self_paced=true"),
                              in_grid=False, label="ASPKD, k-center picks"))
+_add("aspkd_ema", Method(("aspkd.selection=paper", "aspkd.self_paced=true",
+                          "training.ema=0.99"), in_grid=False,
+                         label="ASPKD, weight average"))
+_add("prompt_only_ema", Method(("aspkd.baseline=prompt_only", "training.ema=0.99"),
+                               budgeted=False, in_grid=False,
+                               label="prompt labels only, weight average"))
 
 # The paper's ablation, in Table 3's order; the differences the report pairs.
 ABLATION = ("vanilla", "active", "self_paced", "aspkd")
@@ -75,7 +81,8 @@ COMPARISONS = (("aspkd", "vanilla"), ("active", "vanilla"), ("self_paced", "vani
                ("aspkd_hard", "vanilla_hard"), ("aspkd_confident", "aspkd"),
                ("aspkd_confident_student", "aspkd"), ("aspkd_kcenter", "aspkd"),
                ("aspkd_confident", "vanilla"), ("aspkd_confident_student", "vanilla"),
-               ("aspkd_kcenter", "vanilla"))
+               ("aspkd_kcenter", "vanilla"), ("aspkd_ema", "aspkd"),
+               ("prompt_only_ema", "prompt_only"))
 
 
 def get_method(name: str) -> Method:
