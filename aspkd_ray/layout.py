@@ -116,7 +116,10 @@ def victim_location(cfg: Config) -> str:
         return str(cfg.victim.checkpoint)
     key = config_hash({"dataset": cfg.dataset.name, "arch": cfg.victim.architecture,
                        "size": input_shape(cfg), "seed": cfg.seed,
-                       "training": victim_training_config(cfg).__dict__})
+                       # None = an option left off: a new optional setting must not move
+                       # every existing victim to a new key
+                       "training": {k: v for k, v in victim_training_config(cfg).__dict__.items()
+                                    if v is not None}})
     # digits and digits-xdomain share the victim: the same MNIST split trains it.
     name = "digits" if cfg.dataset.name == "digits-xdomain" else cfg.dataset.name
     return cache.join(str(cfg.cache_dir), name, f"victim-{cfg.victim.architecture}-{key[:8]}")
