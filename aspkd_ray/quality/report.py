@@ -188,6 +188,12 @@ def _axes(ax, budgets: list[int]) -> None:
     ax.grid(alpha=0.3)
 
 
+def _footer(fig, results) -> None:
+    st = results.settings
+    fig.text(0.01, 0.005, f"{st['command']}  ·  {st['machine']}  ·  {st.get('date', '')}  ·  "
+             f"{' '.join(st['overrides'])}", fontsize=7, color="0.4")
+
+
 def plot_curve(results, path: Path) -> Path:
     import matplotlib
 
@@ -216,7 +222,8 @@ def plot_curve(results, path: Path) -> Path:
         ax.set_ylabel("agreement with the victim (%)")
         ax.set_title(f"{s}: mean over seeds, band ± 1 std")
     axes[0][-1].legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    _footer(fig, results)
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
@@ -240,7 +247,8 @@ def plot_pseudo(results, path: Path) -> Path:
         ax.set_title(f"{s}: pseudo-labels of the last round (paper's Fig. 9)")
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    _footer(fig, results)
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
