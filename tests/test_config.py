@@ -127,6 +127,7 @@ def test_every_registered_selection_strategy_honours_its_contract():
 
     rng = np.random.default_rng(0)
     latents, classes = rng.normal(size=(60, 4)), np.arange(60) % 3
+    probabilities = rng.dirichlet(np.ones(3), size=60)
     candidates = np.arange(5, 60)
     settings = from_dict({}, []).aspkd
     assert {"paper", "random"} <= set(list_selections())
@@ -135,7 +136,8 @@ def test_every_registered_selection_strategy_honours_its_contract():
             return get_selection(name)(SelectionInput(
                 quota=9, classes=classes, candidates=candidates, num_classes=3,
                 rng=np.random.default_rng(seed), latents=lambda: latents,
-                predicted=lambda: classes, settings=settings)).indices
+                predicted=lambda: classes, settings=settings,
+                probabilities=lambda: probabilities)).indices
         picks = run(1)
         assert len(picks) == 9 and len(set(picks)) == 9, name
         assert set(picks) <= set(candidates), name

@@ -159,6 +159,8 @@ def test_latents_from_ray_data_actors_match_the_in_memory_pool(ray_session, prox
     assert got.shape == want.shape
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
     np.testing.assert_array_equal(streamed.predict(model), mem.predict(model))
+    np.testing.assert_allclose(streamed.predict_proba(model), mem.predict_proba(model),
+                               rtol=1e-4, atol=1e-6)
     streamed.latents_dtype = "float16"
     half = streamed.embed(model)
     assert half.dtype == np.float16
@@ -169,6 +171,8 @@ def test_latents_from_ray_data_actors_match_the_in_memory_pool(ray_session, prox
     assert streamed.embed_here()
     np.testing.assert_allclose(streamed.embed(model), want, rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(streamed.predict(model), mem.predict(model))
+    np.testing.assert_allclose(streamed.predict_proba(model), mem.predict_proba(model),
+                               rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.timeout(600)

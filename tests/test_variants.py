@@ -149,3 +149,49 @@ def test_fit_with_ema_ends_on_the_average():
     assert not torch.equal(plain, first)          # training moved the weights
     assert torch.equal(first, first_again) and torch.equal(last, plain)  # decay ~0: last step
     assert not torch.allclose(averaged, plain)    # decay 0.9: the average, not the last step
+
+
+def _uncertain_input(quota=12):
+    rng = np.random.default_rng(3)
+    classes = np.repeat(np.arange(3), 40)
+    probs = rng.dirichlet(np.ones(4) * 0.5, size=120)
+    cand = np.arange(6, 120)
+    latents = rng.normal(size=(120, 4))
+    return SelectionInput(quota=quota, classes=classes, candidates=cand, num_classes=3, rng=rng,
+                          latents=lambda: latents, predicted=lambda: probs.argmax(1),
+                          settings=ASPKDConfig(), probabilities=lambda: probs), probs
+
+
+@pytest.mark.parametrize("kind", ["margin", "entropy"])
+def test_uncertainty_strategies_pick_the_least_sure_of_each_class(kind):
+    from aspkd_ray.aspkd.variants import uncertainty
+
+    inp, probs = _uncertain_input()
+    res = get_selection(kind)(inp)
+    score = uncertainty(probs, kind)
+    assert (res.per_class == 4).all() and len(set(res.indices)) == 12
+    for c in range(3):
+        members = inp.candidates[inp.classes[inp.candidates] == c]
+        picked = res.indices[inp.classes[res.indices] == c]
+        assert score[picked].min() >= np.sort(score[members])[-4]
+    sure = np.eye(4)[[0, 1]] * 0.9 + 0.025
+    assert uncertainty(sure, kind).max() < uncertainty(np.full((1, 4), 0.25), kind)[0]
+
+
+def test_margin_kcenter_picks_diverse_images_among_the_uncertain():
+    from aspkd_ray.aspkd.variants import uncertainty
+
+    inp, probs = _uncertain_input(quota=6)
+    res = get_selection("margin_kcenter")(inp)
+    score = uncertainty(probs, "margin")
+    assert len(set(res.indices)) == 6 and (res.per_class == 2).all()
+    for c in range(3):
+        members = inp.candidates[inp.classes[inp.candidates] == c]
+        picked = res.indices[inp.classes[res.indices] == c]
+        assert score[picked].min() >= np.sort(score[members])[-6]  # among the 3 x 2 least sure
+
+
+def test_uncertainty_needs_the_students_probabilities():
+    inp, _ = _uncertain_input()
+    with pytest.raises(ValueError, match="aspkd.selection=margin needs"):
+        get_selection("margin")(dataclasses.replace(inp, probabilities=None))

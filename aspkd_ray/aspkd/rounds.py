@@ -47,6 +47,9 @@ class Pool(Protocol):
     def predict(self, model: nn.Module) -> np.ndarray:
         """The model's class for every train image (N)."""
 
+    def predict_proba(self, model: nn.Module) -> np.ndarray:
+        """The model's class probabilities for every train image (N x C)."""
+
     def fit(self, model: nn.Module, idx: np.ndarray | None, targets: torch.Tensor,
             training: TrainingConfig, **kwargs) -> FitResult:
         """Train on the images `idx` (None: all) with `targets`; kwargs as `distill.fit`."""
@@ -70,6 +73,9 @@ class ProxyPool:
 
     def predict(self, model: nn.Module) -> np.ndarray:
         return predict_logits(getattr(model, "module", model), self.x).argmax(1).numpy()
+
+    def predict_proba(self, model: nn.Module) -> np.ndarray:
+        return predict_logits(getattr(model, "module", model), self.x).softmax(1).numpy()
 
     def fit(self, model: nn.Module, idx: np.ndarray | None, targets: torch.Tensor,
             training: TrainingConfig, **kwargs) -> FitResult:
@@ -263,7 +269,8 @@ def run_rounds(student: nn.Module, pool: Pool, s: RoundSettings,
             sel = get_selection(s.aspkd.selection)(SelectionInput(
                 quota=quota, classes=pool.classes, candidates=unlabelled,
                 num_classes=s.num_classes, rng=rng, latents=latents,
-                predicted=lambda: pool.predict(student), settings=s.aspkd))
+                predicted=lambda: pool.predict(student), settings=s.aspkd,
+                probabilities=lambda: pool.predict_proba(student)))
             if latents.value is not None:
                 latents_mb = round(latents.value.nbytes / 2**20, 2)
             del latents

@@ -169,6 +169,8 @@ class SelectionInput:
     latents: Callable[[], np.ndarray]  # (N, D) S̄(x) of every pool image, computed on demand
     predicted: Callable[[], np.ndarray]  # (N,) the student's class of every pool image
     settings: object                   # the aspkd config section (sigma, centroids, ...)
+    # (N, C) the student's class probabilities for every pool image, computed on demand
+    probabilities: Callable[[], np.ndarray] | None = None
 
 
 Strategy = Callable[[SelectionInput], SelectionResult]

@@ -6,9 +6,13 @@ other classes), sharpened (p^(1/T), argmax unchanged), dropped where the neighbo
 (`pl_min_confidence`), optionally where the student disagrees (`pl_student_agreement`), and
 capped per class so one class cannot flood X'' (`pl_class_cap`).
 
-`aspkd.selection: kcenter` spends calls on diversity: per class (the same quotas as the
-paper's), k-center greedy in S̄: each pick is the candidate farthest from every image
-already bought or picked.
+Selection strategies keep the paper's per-class quotas (by generation class) and change
+what is picked inside a class:
+- `kcenter`: diversity, k-center greedy in S̄: each pick is the candidate farthest from
+  every image already bought or picked;
+- `margin` / `entropy`: the student's uncertainty, the smallest top-2 probability margin or
+  the largest entropy first;
+- `margin_kcenter`: both, k-center greedy among the 3 × quota most uncertain of the class.
 """
 
 from __future__ import annotations
@@ -109,6 +113,72 @@ def kcenter_greedy(latents: np.ndarray, candidates: np.ndarray, centres: np.ndar
     return candidates[np.asarray(picks, dtype=np.int64)]
 
 
+def uncertainty(probabilities: np.ndarray, kind: str) -> np.ndarray:
+    """Higher = less sure: 1 − (top-1 − top-2 probability), or the entropy."""
+    p = probabilities.astype(np.float64)
+    if kind == "margin":
+        top2 = np.sort(p, axis=1)[:, -2:]
+        return 1.0 - (top2[:, 1] - top2[:, 0])
+    if kind == "entropy":
+        return -(p * np.log(np.clip(p, 1e-12, None))).sum(1)
+    raise ValueError(f"uncertainty kind: got {kind!r}; expected 'margin' or 'entropy'.")
+
+
+def _per_class(inp: SelectionInput, pick) -> SelectionResult:
+    """The paper's class quotas; `pick(class members, quota)` chooses inside each class."""
+    n = len(inp.classes)
+    cand = np.asarray(inp.candidates, dtype=np.int64)
+    cand_classes = inp.classes[cand]
+    quotas = _class_quotas(np.bincount(cand_classes, minlength=inp.num_classes), inp.quota,
+                           inp.rng)
+    picks = [pick(cand[cand_classes == c], int(q)) for c, q in enumerate(quotas) if q]
+    indices = np.sort(np.concatenate(picks)).astype(np.int64) if picks else \
+        np.zeros(0, np.int64)
+    weights = np.zeros(n)
+    weights[indices] = 1.0
+    return SelectionResult(indices, weights,
+                           np.bincount(inp.classes[indices], minlength=inp.num_classes),
+                           float("nan"))
+
+
+def _most_uncertain(inp: SelectionInput, members: np.ndarray, n: int,
+                    score: np.ndarray) -> np.ndarray:
+    """The n members with the highest score; ties broken at random (inp.rng)."""
+    order = np.lexsort((inp.rng.random(len(members)), -score[members]))
+    return members[order[:n]]
+
+
+def _needs_probabilities(inp: SelectionInput, name: str) -> np.ndarray:
+    if inp.probabilities is None:
+        raise ValueError(f"aspkd.selection={name} needs the student's probabilities; this "
+                         f"pool does not give them (Pool.predict_proba).")
+    return inp.probabilities()
+
+
+@register_selection("margin")
+def _margin(inp: SelectionInput) -> SelectionResult:
+    """Per class, the candidates whose top-2 student probabilities are closest."""
+    score = uncertainty(_needs_probabilities(inp, "margin"), "margin")
+    return _per_class(inp, lambda m, q: _most_uncertain(inp, m, q, score))
+
+
+@register_selection("entropy")
+def _entropy(inp: SelectionInput) -> SelectionResult:
+    """Per class, the candidates whose student prediction has the most entropy."""
+    score = uncertainty(_needs_probabilities(inp, "entropy"), "entropy")
+    return _per_class(inp, lambda m, q: _most_uncertain(inp, m, q, score))
+
+
+@register_selection("margin_kcenter")
+def _margin_kcenter(inp: SelectionInput) -> SelectionResult:
+    """Per class, k-center greedy among the 3 × quota candidates of smallest margin."""
+    score = uncertainty(_needs_probabilities(inp, "margin_kcenter"), "margin")
+    latents = inp.latents()
+    bought = np.setdiff1d(np.arange(len(inp.classes)), inp.candidates)
+    return _per_class(inp, lambda m, q: kcenter_greedy(
+        latents, _most_uncertain(inp, m, 3 * q, score), bought, q))
+
+
 def _nearest_sq_distance(a: np.ndarray, b: np.ndarray, chunk: int = 1024) -> np.ndarray:
     """For each row of a, the squared Euclidean distance to its nearest row of b, by
     ||a||² + ||b||² − 2ab in chunks of b (no N_a x N_b x D temporary)."""
@@ -126,17 +196,5 @@ def _kcenter(inp: SelectionInput) -> SelectionResult:
     """The paper's per-class quotas; inside a class, k-center greedy in S̄ from everything
     bought so far (the rows that are not candidates)."""
     latents = inp.latents()
-    n = len(inp.classes)
-    cand = np.asarray(inp.candidates, dtype=np.int64)
-    bought = np.setdiff1d(np.arange(n), cand)
-    cand_classes = inp.classes[cand]
-    quotas = _class_quotas(np.bincount(cand_classes, minlength=inp.num_classes), inp.quota,
-                           inp.rng)
-    picks = [kcenter_greedy(latents, cand[cand_classes == c], bought, int(q))
-             for c, q in enumerate(quotas) if q]
-    indices = np.sort(np.concatenate(picks)) if picks else np.zeros(0, np.int64)
-    weights = np.zeros(n)
-    weights[indices] = 1.0
-    return SelectionResult(indices, weights,
-                           np.bincount(inp.classes[indices], minlength=inp.num_classes),
-                           float("nan"))
+    bought = np.setdiff1d(np.arange(len(inp.classes)), inp.candidates)
+    return _per_class(inp, lambda m, q: kcenter_greedy(latents, m, bought, q))

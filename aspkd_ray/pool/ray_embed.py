@@ -46,6 +46,8 @@ class ShardEncoder:
                 x = to_tensor(images[c:c + p.embed_batch], p.size, p.channels).to(self.device)
                 if self.what == "latents":
                     out = self.model.embed(x).float().cpu().numpy().astype(self.dtype)
+                elif self.what == "probabilities":
+                    out = self.model(x).float().softmax(1).cpu().numpy()
                 else:
                     out = self.model(x).argmax(1).cpu().numpy().astype(np.int64)
                 positions.append(part)
@@ -68,7 +70,7 @@ def num_actors(requested: int | None, gpus_each: float) -> int:
 
 
 def map_pool(pool, arch: dict, weights: dict, what: str) -> np.ndarray:
-    """`what` ('latents' or 'classes') for every train image of `pool` (a StreamedPool), in
+    """`what` ('latents', 'probabilities' or 'classes') for every train image of `pool` (a StreamedPool), in
     train-id order, by the model zoo model `arch` (its `.arch`) with `weights`."""
     import ray
     import ray.data
@@ -80,7 +82,7 @@ def map_pool(pool, arch: dict, weights: dict, what: str) -> np.ndarray:
     actors = min(num_actors(pool.embed_actors, pool.embed_gpus), len(shards))
     free = ray.available_resources().get("CPU", 0.0)
     cpus = max(0.05, min(1.0, free / actors)) if pool.embed_gpus == 0 else 1.0
-    dtype = pool.latents_dtype if what == "latents" else "int64"
+    dtype = {"latents": pool.latents_dtype, "probabilities": "float32"}.get(what, "int64")
     out = ds.map_batches(
         ShardEncoder, batch_size=1, fn_constructor_kwargs={
             "pool": pool, "arch": arch, "weights": ray.put(weights), "what": what, "dtype": dtype},

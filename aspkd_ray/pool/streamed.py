@@ -113,6 +113,9 @@ class StreamedPool:
     def predict(self, model: nn.Module) -> np.ndarray:
         return self._map_pool(model, "classes")
 
+    def predict_proba(self, model: nn.Module) -> np.ndarray:
+        return self._map_pool(model, "probabilities")
+
     def embed_here(self) -> bool:
         """Whether latents are computed in this process (see pool.embed_actors)."""
         if self.embed_actors is not None:
@@ -138,6 +141,8 @@ class StreamedPool:
             x = to_tensor(self._read(self.train_rows[at]), self.size, self.channels)
             if what == "latents":
                 part = embed(net, x).numpy().astype(self.latents_dtype, copy=False)
+            elif what == "probabilities":
+                part = predict_logits(net, x).softmax(1).numpy()
             else:
                 part = predict_logits(net, x).argmax(1).numpy()
             if out is None:
