@@ -195,3 +195,17 @@ def test_uncertainty_needs_the_students_probabilities():
     inp, _ = _uncertain_input()
     with pytest.raises(ValueError, match="aspkd.selection=margin needs"):
         get_selection("margin")(dataclasses.replace(inp, probabilities=None))
+
+
+def test_proxy_frame_centres_the_image_on_black():
+    from aspkd_ray.generation.backends import to_victim_format
+
+    img = np.full((16, 16), 200, np.uint8)
+    full = to_victim_format([img], 28, 1)
+    framed = to_victim_format([img], 28, 1, frame=20 / 28)
+    assert (full == 200).all()
+    assert framed.shape == (1, 28, 28, 1)
+    assert (framed[0, 4:24, 4:24] == 200).all()
+    inside = np.zeros((28, 28), bool)
+    inside[4:24, 4:24] = True
+    assert (framed[0, ~inside] == 0).all()

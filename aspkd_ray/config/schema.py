@@ -117,6 +117,11 @@ class ProxyConfig:
     total: int | None = _f(None, min=1)
     balanced: bool = _f(True, doc="exact per-class balance instead of uniform class draws")
     val_fraction: float = _f(0.15, min=0.0, max=0.9)
+    frame: float | None = _f(None, gt=0.0, max=1.0,
+                             doc="shrink each generated image to this share of the victim's "
+                                 "input size, centred on a black frame, as the victim's own "
+                                 "data is laid out (MNIST digits fill 20/28 of theirs); "
+                                 "None = the whole frame")
     dir: str | None = _f(None, doc="folder holding (or to hold) proxy/; None = output_dir. "
                                    "Point runs and sweep trials at one to share a proxy set")
 

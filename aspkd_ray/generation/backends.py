@@ -23,11 +23,13 @@ def build_generator(cfg: Config, class_names: tuple[str, ...],
     return get_generator(cfg.generator.kind).build(cfg, tuple(class_names), device)
 
 
-def to_victim_format(images: Sequence, size: int, channels: int) -> np.ndarray:
+def to_victim_format(images: Sequence, size: int, channels: int,
+                     frame: float | None = None) -> np.ndarray:
     """PIL images or uint8 arrays of any size → uint8 N x size x size x channels.
 
     Colour becomes grey with PIL's ITU-R 601 luma; grey is repeated into RGB. Resizing is
-    bicubic (PIL antialiases when shrinking).
+    bicubic (PIL antialiases when shrinking). `frame` (proxy.frame): the image is resized to
+    that share of `size` and centred on black.
     """
     from PIL import Image
 
@@ -42,8 +44,13 @@ def to_victim_format(images: Sequence, size: int, channels: int) -> np.ndarray:
                 arr = arr[..., 0]
             img = Image.fromarray(arr)
         img = img.convert("L" if channels == 1 else "RGB")
-        if img.size != (size, size):
-            img = img.resize((size, size), Image.BICUBIC)
+        inner = size if frame is None else max(1, round(size * frame))
+        if img.size != (inner, inner):
+            img = img.resize((inner, inner), Image.BICUBIC)
+        if inner != size:
+            canvas = Image.new(img.mode, (size, size), 0)
+            canvas.paste(img, ((size - inner) // 2, (size - inner) // 2))
+            img = canvas
         arr = np.asarray(img, dtype=np.uint8)
         out[i] = arr[..., None] if arr.ndim == 2 else arr
     return out

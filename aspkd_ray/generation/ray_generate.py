@@ -65,7 +65,7 @@ class GeneratorActor:
         self.generate = build_generator(cfg, plan.class_names)
         self.plan, self.batch_size = plan, cfg.generator.batch_size
         self.proxy = store.open_dir(proxy_dir)  # resolved once (an S3 client per actor)
-        self.size, self.channels = image_size, channels
+        self.size, self.channels, self.frame = image_size, channels, cfg.proxy.frame
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = [self._shard(int(k)) for k in batch.column("shard").to_pylist()]
@@ -97,7 +97,7 @@ class GeneratorActor:
                                    f"{part.stop - part.start} prompts; expected one per "
                                    f"prompt.")
             pngs += [png_encode(img)
-                     for img in to_victim_format(images, self.size, self.channels)]
+                     for img in to_victim_format(images, self.size, self.channels, self.frame)]
         ids = cols["sample_id"].tolist()
         n = len(ids)
         table = pa.table({
@@ -157,6 +157,8 @@ def proxy_config_hash(cfg: Config, plan: SamplePlan, size: int, channels: int) -
     g, p = cfg.generator, cfg.proxy
     proxy = {"per_class": p.per_class, "total": p.total, "balanced": p.balanced,
              "val_fraction": p.val_fraction}  # not proxy.dir: where it lives is no content
+    if p.frame is not None:  # only when set: sets made before the option keep their hash
+        proxy["frame"] = p.frame
     return config_hash({"generator": plan.generator, "kind": g.kind, "templates": g.templates,
                         "proxy": proxy, "seed": cfg.seed,
                         "dataset": cfg.dataset.name, "size": size, "channels": channels,

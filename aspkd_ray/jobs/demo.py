@@ -34,6 +34,8 @@ def proxy_cache_dir(cfg: Config) -> Path:
     gen.pop("batch_size")
     proxy = dataclasses.asdict(cfg.proxy)
     proxy.pop("dir")
+    if proxy["frame"] is None:  # only when set: caches made before the option stay valid
+        proxy.pop("frame")
     key = config_hash({"generator": gen, "proxy": proxy, "dataset": cfg.dataset.name,
                        "size": cfg.dataset.image_size, "seed": cfg.seed})
     name = cfg.dataset.name
