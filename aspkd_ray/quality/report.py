@@ -162,7 +162,7 @@ def _targets(rows: list[dict], scenarios: list[str], budgets: list[int]) -> list
             lines.append(f"- {s}: ASPKD ≥ {_label(other)} at {scope}: "
                          + (f"**met** at all {len(verdicts)}" if not missed else
                             f"**missed** at {', '.join(missed)} calls per class")
-                         + f"; the interval excludes 0 at {sure} of {len(verdicts)}.")
+                         + f"; the interval lies above 0 at {sure} of {len(verdicts)}.")
     over = [r for r in rows if r["calls_used"] > r["budget"]]
     lines.append(f"- calls used ≤ budget: {len(rows) - len(over)} of {len(rows)} cells.")
     return lines
