@@ -64,6 +64,11 @@ _add("aspkd_confident_student", Method(
     ("aspkd.selection=paper", "aspkd.self_paced=true", "aspkd.pseudo_labels=confident",
      "aspkd.pl_student_agreement=true", "aspkd.generation_class_filter=false"), in_grid=False,
     label="ASPKD, confident, student filter"))
+# the confident rule with only its k bound (no sharpening, threshold or caps)
+_add("aspkd_kbound", Method(("aspkd.selection=paper", "aspkd.self_paced=true",
+                             "aspkd.pseudo_labels=confident", "aspkd.pl_temperature=1",
+                             "aspkd.pl_min_confidence=0", "aspkd.pl_class_cap=null"),
+                            in_grid=False, label="ASPKD, k bounded per class"))
 _add("aspkd_kcenter", Method(("aspkd.selection=kcenter", "aspkd.self_paced=true"),
                              in_grid=False, label="ASPKD, k-center picks"))
 _add("aspkd_ema", Method(("aspkd.selection=paper", "aspkd.self_paced=true",
@@ -81,7 +86,8 @@ COMPARISONS = (("aspkd", "vanilla"), ("active", "vanilla"), ("self_paced", "vani
                ("aspkd_hard", "vanilla_hard"), ("aspkd_confident", "aspkd"),
                ("aspkd_confident_student", "aspkd"), ("aspkd_kcenter", "aspkd"),
                ("aspkd_confident", "vanilla"), ("aspkd_confident_student", "vanilla"),
-               ("aspkd_kcenter", "vanilla"), ("aspkd_ema", "aspkd"),
+               ("aspkd_kcenter", "vanilla"), ("aspkd_kbound", "aspkd"),
+               ("aspkd_kbound", "vanilla"), ("aspkd_ema", "aspkd"),
                ("prompt_only_ema", "prompt_only"))
 
 
