@@ -129,3 +129,16 @@ def test_quick_grid_end_to_end_and_resume(ray_session, tiny, capsys):
     (out / "quality.md").unlink()
     assert main(["--report-only", "--output-dir", str(out)]) == 0
     assert (out / "quality.md").read_text() == md
+
+
+def test_extra_seeds_add_each_cell_once():
+    from aspkd_ray.quality.runner import extra_cells
+
+    rows = [{"scenario": "s", "method": "aspkd", "calls_per_class": 1, "seed": seed,
+             "agreement": v} for seed, v in enumerate([10, 20, 30])]
+    cells = extra_cells(rows, ["s"], ["aspkd", "vanilla", "prompt_only"], (1, 8), (0, 1, 2),
+                        (3, 4))
+    keys = [c.key for c in cells]
+    assert len(keys) == len(set(keys)) == 6  # 2 methods at budget 1 + prompt_only, 2 seeds
+    assert {c.calls_per_class for c in cells} == {1, None}
+    assert extra_cells(rows, ["s"], ["aspkd"], (1,), (0, 1, 2), ()) == []

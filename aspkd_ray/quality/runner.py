@@ -106,6 +106,22 @@ def spread_blocks(rows: list[dict], scenario: str, seeds: tuple[int, ...]) -> se
     return {b for (b, _), v in values.items() if len(v) > 1 and statistics.stdev(v) > SPREAD}
 
 
+def extra_cells(rows: list[dict], scenarios: list[str], methods: list[str],
+                budgets: tuple[int, ...], seeds: tuple[int, ...],
+                extra: tuple[int, ...]) -> list[Cell]:
+    """The extra seeds' cells: every method at each budget where the base seeds disagree by
+    more than SPREAD, and the budget-free methods (which pair with every budget) once."""
+    out: list[Cell] = []
+    budgeted = [m for m in methods if get_method(m).budgeted]
+    free = [m for m in methods if not get_method(m).budgeted]
+    for s in scenarios:
+        wide = spread_blocks(rows, s, seeds) if extra else set()
+        out += cells_for(s, budgeted, tuple(b for b in budgets if b in wide), extra)
+        if wide:
+            out += cells_for(s, free, (), extra)
+    return out
+
+
 def run_cells(scenarios: dict, cells: list[Cell], results: Results, cpus: float) -> list:
     """Every cell as a Ray task (cells sharing a scenario's init step wait for it); rows are
     saved as they come. Returns the cells that failed."""
@@ -113,7 +129,8 @@ def run_cells(scenarios: dict, cells: list[Cell], results: Results, cpus: float)
 
     from aspkd_ray.quality import tasks
 
-    todo = [c for c in cells if c.key not in results.done()]
+    done = results.done()
+    todo = list({c.key: c for c in cells if c.key not in done}.values())  # each cell once
     if not todo:
         return []
     inits: dict = {}
@@ -237,13 +254,7 @@ def _run(args, results, methods, budgets, seeds, extra, overrides) -> list:
     names = [scenario_name(c) for c in args.scenarios]
     cells = [c for s in names for c in cells_for(s, methods, budgets, seeds)]
     failed = run_cells(scenarios, cells, results, args.cpus_per_cell)
-    more = []
-    for s in names:  # more seeds where the base seeds disagree by more than SPREAD
-        wide = spread_blocks(results.rows, s, seeds) if extra else set()
-        more += cells_for(s, methods, tuple(b for b in budgets if b in wide), extra)
-        if wide:  # the budget-free references pair with every extended budget
-            more += cells_for(s, [m for m in methods if not get_method(m).budgeted], (),
-                              extra)
+    more = extra_cells(results.rows, names, methods, budgets, seeds, extra)
     if more:
         print(f"{len(more)} more cells: seeds {list(extra)} where a method's std is above "
               f"{SPREAD} points", flush=True)
