@@ -96,9 +96,8 @@ def new_student(cfg: Config, num_classes: int) -> torch.nn.Module:
                         image_size=size)
 
 
-def needs_init(scn: Scenario, cell: Cell) -> bool:
-    """Whether the cell starts from the scenario's init step."""
-    cfg = cell_config(scn, cell)
+def needs_init(cfg: Config) -> bool:
+    """Whether a cell with this config starts from the scenario's init step."""
     return cfg.student.pretrain == "proxy_prompts" and cfg.aspkd.baseline != "prompt_only"
 
 
@@ -129,7 +128,7 @@ def run_cell(scn: Scenario, cell: Cell, init: InitState | None = None) -> dict:
     s = RoundSettings.from_config(cfg, scn.num_classes, max(budget, 1))
     student = new_student(cfg, scn.num_classes)
     state = None
-    if needs_init(scn, cell):
+    if needs_init(cfg):
         init = init or init_step(scn, cell.seed)
         student.load_state_dict(init.weights)
         state = AttackState(pretrain=init.info, torch_rng=init.torch_rng)

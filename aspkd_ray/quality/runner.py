@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from aspkd_ray.errors import UserError
-from aspkd_ray.quality.cell import Cell, needs_init
+from aspkd_ray.quality.cell import Cell, cell_config, needs_init
 from aspkd_ray.quality.methods import get_method, method_names
 
 SPREAD = 2.0  # points of std over the base seeds above which a budget gets the extra seeds
@@ -138,7 +138,7 @@ def run_cells(scenarios: dict, cells: list[Cell], results: Results, cpus: float)
     for c in todo:
         scn_ref = scenarios[c.scenario]["ref"]
         init = None
-        if needs_init(scenarios[c.scenario]["scenario"], c):
+        if needs_init(cell_config(scenarios[c.scenario]["scenario"], c)):
             if (c.scenario, c.seed) not in inits:
                 inits[c.scenario, c.seed] = tasks.init_task.options(num_cpus=cpus).remote(
                     scn_ref, c.seed)
