@@ -110,6 +110,7 @@ def victim_location(cfg: Config) -> str:
     a local path or a URI (cache_dir or victim.checkpoint on object storage)."""
     from aspkd_ray import cache
     from aspkd_ray.config import config_hash
+    from aspkd_ray.datasets.sources import victim_data_name
     from aspkd_ray.victim.train import victim_training_config
 
     if cfg.victim.checkpoint:
@@ -121,5 +122,5 @@ def victim_location(cfg: Config) -> str:
                        "training": {k: v for k, v in victim_training_config(cfg).__dict__.items()
                                     if v is not None}})
     # digits and digits-xdomain share the victim: the same MNIST split trains it.
-    name = "digits" if cfg.dataset.name == "digits-xdomain" else cfg.dataset.name
+    name = victim_data_name(cfg.dataset.name)
     return cache.join(str(cfg.cache_dir), name, f"victim-{cfg.victim.architecture}-{key[:8]}")

@@ -198,3 +198,15 @@ def _kcenter(inp: SelectionInput) -> SelectionResult:
     latents = inp.latents()
     bought = np.setdiff1d(np.arange(len(inp.classes)), inp.candidates)
     return _per_class(inp, lambda m, q: kcenter_greedy(latents, m, bought, q))
+
+
+@register_pseudo_labels("adaptive")
+def _adaptive(inp: PseudoLabelInput) -> PseudoLabels:
+    """The `confident` rule while fewer than k images per class are bought (the paper's k
+    nearest neighbours would then average in other classes), the paper's rule from then
+    on."""
+    from aspkd_ray.aspkd.pseudo_labels import get_pseudo_label_rule
+
+    if len(inp.reference) < inp.settings.k * inp.num_classes:
+        return _confident(inp)
+    return get_pseudo_label_rule("paper")(inp)

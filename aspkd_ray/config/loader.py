@@ -283,10 +283,43 @@ def with_overrides(data: dict[str, Any] | None, overrides: list[str] | tuple[str
     # Deep copy as plain types; YAML dates and the like become strings, which the checks
     # then reject with the key's name (never a TypeError from json).
     data = json.loads(json.dumps(data or {}, default=str))
-    for text in overrides:
-        key, value = parse_override(text)
+    parsed = [parse_override(text) for text in overrides]
+    _apply_variant(data, parsed)
+    for key, value in parsed:
         _set_dotted(data, key, value)
     return data
+
+
+_MISSING = object()
+
+
+def _get_dotted(data: dict[str, Any], dotted: str) -> Any:
+    node: Any = data
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return _MISSING
+        node = node[part]
+    return node
+
+
+def _apply_variant(data: dict[str, Any], parsed: list[tuple[str, Any]]) -> None:
+    """aspkd.variant's preset over the file's values (the --set overrides go on top). A file
+    that names the variant itself must not contradict it."""
+    from aspkd_ray.config.variants import get_variant, list_variants
+
+    from_set = [value for key, value in parsed if key == "aspkd.variant"]
+    name = from_set[-1] if from_set else _get_dotted(data, "aspkd.variant")
+    if name is _MISSING or name is None:
+        return
+    if not isinstance(name, str) or name not in list_variants():
+        raise ConfigError(f"aspkd.variant: got {name!r}; expected one of: "
+                          f"{', '.join(list_variants())}, or null.")
+    for key, value in get_variant(name):
+        if not from_set and _get_dotted(data, key) not in (_MISSING, value):
+            raise ConfigError(f"aspkd.variant={name} sets {key}={value!r}, but the config file "
+                              f"sets {key}={_get_dotted(data, key)!r}; remove one of them (or "
+                              f"change {key} with --set, which goes above the variant).")
+        _set_dotted(data, key, value)
 
 
 def from_dict(data: dict[str, Any] | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:

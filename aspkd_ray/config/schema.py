@@ -28,8 +28,8 @@ def _f(default: Any = None, *, choices: tuple | None = None, min: float | None =
 
 @dataclass
 class DatasetConfig:
-    name: str = _f("digits", choices=("digits", "digits-xdomain", "cifar10", "food101",
-                                      "ferplus", "imagefolder"),
+    name: str = _f("digits", choices=("digits", "digits-xdomain", "sklearn-digits", "cifar10",
+                                      "food101", "ferplus", "imagefolder"),
                    doc="the victim's data set; its test split measures agreement")
     root: str | None = _f(None, doc="folder with the data set files (real data sets)")
     image_size: int | None = _f(None, min=4, doc="victim input size; None = data set default")
@@ -145,6 +145,10 @@ class BudgetConfig:
 
 @dataclass
 class ASPKDConfig:
+    variant: str | None = _f(None, doc="a preset of the method's settings, applied above the "
+                                       "config file and below --set: paper (Algorithm 1 as "
+                                       "published) or aspkd_ray (this product's method); "
+                                       "None = the keys as given (config/variants.py)")
     rounds: int | None = _f(None, min=1, doc="None = 3, or 1 / 2 for 1 / 2 calls per class")
     sigma: float = _f(17.0, gt=0.0)
     sigma_mode: str = _f("absolute", choices=("absolute", "median"),

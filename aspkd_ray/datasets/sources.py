@@ -18,6 +18,14 @@ from aspkd_ray.datasets.specs import DatasetSpec, get_spec
 # The embedded digits split: a property of the scenario, never of a run's seed.
 DIGITS_SPLIT_SEED = 20_240
 DIGITS_SPLIT_PER_CLASS = {"victim": 250, "generator": 150, "test": 100}  # of 500 per class
+SKLEARN_TEST_SHARE = 1 / 3  # sklearn-digits: a third of each class is the test split
+MNIST_BOX = 20 / 28  # MNIST digits fill a 20 x 20 box centred in the 28 x 28 frame
+
+# Scenarios that share data: (victim data, generator data) by data set name. The held-out
+# sklearn-digits reverses digits-xdomain: its victim learns scikit-learn's digits and its
+# generator learns MNIST (the digits scenario's generator, reused from the cache).
+_SOURCES = {"digits": ("digits", "digits"), "digits-xdomain": ("digits", "digits-xdomain"),
+            "sklearn-digits": ("sklearn-digits", "digits")}
 
 
 class DatasetUnavailable(RuntimeError):
@@ -65,6 +73,46 @@ def sklearn_digits() -> tuple[np.ndarray, np.ndarray]:
     d = load_digits()
     images = np.clip(d.images * (255.0 / 16.0), 0, 255).round().astype(np.uint8)
     return images[..., None], d.target.astype(np.int64)
+
+
+def victim_data_name(name: str) -> str:
+    """The data set whose victim split trains `name`'s victim (its cache folder)."""
+    return _SOURCES.get(name, (name, name))[0]
+
+
+def generator_data_name(name: str) -> str:
+    """The data set whose images train `name`'s embedded generator (its cache folder)."""
+    return _SOURCES.get(name, (name, name))[1]
+
+
+def frame_like_mnist(images: np.ndarray, size: int, channels: int = 1) -> np.ndarray:
+    """Images resized into the box MNIST digits fill and centred on a black frame of
+    `size`, as MNIST lays digits out. uint8 N x H x W x C → uint8 N x size x size x
+    channels."""
+    import torch.nn.functional as F
+
+    from aspkd_ray.datasets.tensors import to_tensor
+
+    inner = round(size * MNIST_BOX)
+    x = to_tensor(images, inner, channels)
+    before = (size - inner) // 2
+    x = F.pad(x, (before, size - inner - before, before, size - inner - before))
+    return (x.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
+
+
+def _sklearn_part(part: str) -> ImageArrays:
+    """sklearn-digits' victim or test split: scikit-learn's digits framed like MNIST at
+    28 x 28, a fixed class-stratified third of each class for the test split."""
+    x, y = sklearn_digits()
+    rng = np.random.default_rng(DIGITS_SPLIT_SEED)
+    test = np.concatenate([
+        (idx := rng.permutation(np.flatnonzero(y == c)))[:round(len(idx) * SKLEARN_TEST_SHARE)]
+        for c in range(10)])
+    mask = np.zeros(len(y), bool)
+    mask[test] = True
+    keep = np.sort(np.flatnonzero(mask if part == "test" else ~mask))
+    return ImageArrays(frame_like_mnist(x[keep], 28), y[keep],
+                       get_spec("sklearn-digits").class_names)
 
 
 def _digits_part(part: str) -> ImageArrays:
@@ -151,8 +199,10 @@ def load_victim_data(name: str, split: str, root: str | None = None, download: b
         raise ValueError(f"split: got {split!r}; expected 'train' or 'test'.")
     spec: DatasetSpec = get_spec(name)
     size = image_size or spec.image_size
-    if name in ("digits", "digits-xdomain"):
+    if victim_data_name(name) == "digits":
         return _digits_part("victim" if split == "train" else "test")
+    if name == "sklearn-digits":
+        return _sklearn_part("victim" if split == "train" else "test")
     if name == "cifar10":
         return _cifar10(root, split, download)
     if name == "food101":
@@ -164,7 +214,7 @@ def load_victim_data(name: str, split: str, root: str | None = None, download: b
 
 def load_generator_data(name: str) -> ImageArrays:
     """Training images for the embedded scenario's small diffusion model."""
-    if name == "digits":
+    if generator_data_name(name) == "digits":
         return _digits_part("generator")
     if name == "digits-xdomain":
         x, y = sklearn_digits()

@@ -39,6 +39,9 @@ SPECS: dict[str, DatasetSpec] = {
                           "digits_cnn_small", horizontal_flip=False),
     "digits-xdomain": DatasetSpec("digits-xdomain", DIGIT_NAMES, 28, 1, _DIGITS_VICTIM,
                                   "digits_cnn", "digits_cnn_small", horizontal_flip=False),
+    # Held out from choosing defaults: victim on scikit-learn's digits, generator on MNIST.
+    "sklearn-digits": DatasetSpec("sklearn-digits", DIGIT_NAMES, 28, 1, _DIGITS_VICTIM,
+                                  "digits_cnn", "digits_cnn_small", horizontal_flip=False),
     "cifar10": DatasetSpec("cifar10", CIFAR10_NAMES, 32, 3,
                            dict(optimizer="adam", lr=5e-4, step_size=5, gamma=0.95,
                                 max_epochs=100, batch_size=64)),

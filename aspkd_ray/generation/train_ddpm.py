@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from aspkd_ray import cache, console, storage
 from aspkd_ray.config import Config, ConfigError, config_hash
+from aspkd_ray.datasets.sources import generator_data_name
 from aspkd_ray.errors import UserError
 from aspkd_ray.generation.ddpm import (
     BETA_SCHEDULE,
@@ -58,7 +59,7 @@ class TrainingStateError(UserError):
 
 def _training_key(cfg: Config) -> dict:
     t = cfg.generator.training
-    return {"dataset": cfg.dataset.name, "resolution": cfg.generator.resolution,
+    return {"dataset": generator_data_name(cfg.dataset.name), "resolution": cfg.generator.resolution,
             "steps": t.steps, "batch_size": t.batch_size, "lr": t.lr,
             "block_channels": list(t.block_channels), "seed": GENERATOR_SEED,
             "objective": f"{PREDICTION_TYPE}/{BETA_SCHEDULE}/ema{EMA_DECAY}"}
@@ -70,7 +71,8 @@ def generator_location(cfg: Config) -> str:
     if cfg.generator.model:
         return str(cfg.generator.model)
     key = config_hash(_training_key(cfg))[:10]
-    return cache.join(str(cfg.cache_dir), cfg.dataset.name, f"generator-{key}")
+    return cache.join(str(cfg.cache_dir), generator_data_name(cfg.dataset.name),
+                      f"generator-{key}")
 
 
 def generator_dir(cfg: Config) -> Path:

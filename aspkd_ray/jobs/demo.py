@@ -20,6 +20,7 @@ from pathlib import Path
 
 from aspkd_ray import console, storage
 from aspkd_ray.config import Config, config_hash, num_rounds, total_budget
+from aspkd_ray.datasets.sources import generator_data_name
 from aspkd_ray.layout import join, run_layout
 
 # The committed benchmark (scripts/bench_aspkd.py); absent where only the package is installed.
@@ -36,9 +37,10 @@ def proxy_cache_dir(cfg: Config) -> Path:
     proxy.pop("dir")
     if proxy["frame"] is None:  # only when set: caches made before the option stay valid
         proxy.pop("frame")
-    key = config_hash({"generator": gen, "proxy": proxy, "dataset": cfg.dataset.name,
+    # Scenarios whose generator learns the same data share its proxy sets.
+    name = generator_data_name(cfg.dataset.name)
+    key = config_hash({"generator": gen, "proxy": proxy, "dataset": name,
                        "size": cfg.dataset.image_size, "seed": cfg.seed})
-    name = cfg.dataset.name
     return Path(cfg.cache_dir) / name / f"proxyset-{key[:10]}"
 
 

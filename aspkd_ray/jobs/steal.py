@@ -28,7 +28,7 @@ from aspkd_ray.victim.train import VictimMissing, victim_ready
 
 log = logging.getLogger(__name__)
 
-EMBEDDED = ("digits", "digits-xdomain")
+EMBEDDED = ("digits", "digits-xdomain", "sklearn-digits")
 
 
 def ensure_victim(cfg: Config, *, train: bool = False) -> Path | str:

@@ -39,7 +39,7 @@ _add("self_paced", Method(("aspkd.selection=random", "aspkd.self_paced=true"),
 _add("aspkd", Method(("aspkd.selection=paper", "aspkd.self_paced=true"),
                      label="ASPKD (both)"))
 # Algorithm 1 alone: default init, raw teacher answers.
-_add("aspkd_plain", Method(("aspkd.selection=paper", "aspkd.self_paced=true", *_PLAIN), label="Algorithm 1 alone"))
+_add("aspkd_plain", Method(("aspkd.variant=paper",), label="Algorithm 1 alone"))
 # Knockoff Nets: random picks from a natural pool that is not the victim's data, bought
 # labels only, the same student from its default init.
 _add("knockoff", Method(("aspkd.selection=random", "aspkd.self_paced=false", *_PLAIN),
@@ -69,6 +69,9 @@ _add("aspkd_kbound", Method(("aspkd.selection=paper", "aspkd.self_paced=true",
                              "aspkd.pseudo_labels=confident", "aspkd.pl_temperature=1",
                              "aspkd.pl_min_confidence=0", "aspkd.pl_class_cap=null"),
                             in_grid=False, label="ASPKD, k bounded per class"))
+_add("aspkd_adaptive", Method(("aspkd.selection=paper", "aspkd.self_paced=true",
+                               "aspkd.pseudo_labels=adaptive"), in_grid=False,
+                              label="ASPKD, adaptive pseudo-labels"))
 _add("aspkd_kcenter", Method(("aspkd.selection=kcenter", "aspkd.self_paced=true"),
                              in_grid=False, label="ASPKD, k-center picks"))
 _add("aspkd_ema", Method(("aspkd.selection=paper", "aspkd.self_paced=true",
@@ -88,6 +91,8 @@ COMPARISONS = (("aspkd", "vanilla"), ("active", "vanilla"), ("self_paced", "vani
                ("aspkd_confident", "vanilla"), ("aspkd_confident_student", "vanilla"),
                ("aspkd_kcenter", "vanilla"), ("aspkd_kbound", "aspkd"),
                ("aspkd_kbound", "vanilla"), ("aspkd_ema", "aspkd"),
+               ("aspkd_adaptive", "aspkd"), ("aspkd_adaptive", "vanilla"),
+               ("aspkd_adaptive", "prompt_only"), ("aspkd_adaptive", "aspkd_plain"),
                ("prompt_only_ema", "prompt_only"))
 
 

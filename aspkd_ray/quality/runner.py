@@ -67,6 +67,14 @@ class Results:
                             f"continue it, or pass --fresh to start over.")
         return cls(path, settings, old.get("scenarios", {}), old.get("rows", []))
 
+    def check_scenario(self, name: str, settings_hash: str) -> None:
+        """Rows of `name` must come from the same scenario config (its YAML may change)."""
+        old = self.scenarios.get(name, {}).get("config_hash")
+        if old and old != settings_hash and any(r["scenario"] == name for r in self.rows):
+            raise UserError(f"{self.path} holds {name} rows made with another config of that "
+                            f"scenario (hash {old}, now {settings_hash}); rerun with --fresh "
+                            f"or another --output-dir.")
+
     def done(self) -> set[tuple]:
         return {(r["scenario"], r["method"], r["calls_per_class"], r["seed"])
                 for r in self.rows}
@@ -225,7 +233,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench_quality: error: {exc}", file=sys.stderr)
         return 2
     if not args.report_only:
-        failed = _run(args, results, methods, budgets, seeds, extra, overrides)
+        try:
+            failed = _run(args, results, methods, budgets, seeds, extra, overrides)
+        except UserError as exc:
+            print(f"bench_quality: error: {exc}", file=sys.stderr)
+            return 2
         over = check_budgets(results.rows)
         if over:
             raise RuntimeError(f"{len(over)} cells used more calls than their budget: "
@@ -246,6 +258,7 @@ def _run(args, results, methods, budgets, seeds, extra, overrides) -> list:
     for config in args.scenarios:
         t = time.time()
         scn = prepare_scenario(config, overrides)
+        results.check_scenario(scn.name, scn.config_hash)
         results.scenarios[scn.name] = scn.describe()
         scenarios[scn.name] = {"scenario": scn, "ref": ray.put(scn)}
         print(f"{scn.name}: victim and pools ready ({time.time() - t:.0f} s); victim test "

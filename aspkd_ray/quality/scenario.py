@@ -12,10 +12,9 @@ import numpy as np
 import torch
 
 from aspkd_ray.aspkd.rounds import ProxyPool
-from aspkd_ray.config import Config, load
+from aspkd_ray.config import Config, config_hash, load, to_dict
 
 NATURAL_VAL = 10  # a natural pool has no validation role; fit still wants a (tiny) split
-MNIST_BOX = 20 / 28  # MNIST digits fill a 20 x 20 box centred in the 28 x 28 frame
 
 
 @dataclass
@@ -29,6 +28,7 @@ class Scenario:
     x_test: torch.Tensor
     victim_test: np.ndarray      # the victim's class for each test image
     victim_accuracy: float       # the victim's own test accuracy (%)
+    config_hash: str = ""        # of the scenario's config before pinning (rows must match)
 
     def cell_config(self, overrides: list[str] | tuple[str, ...]) -> Config:
         return load(self.config, [*self.overrides, *overrides])
@@ -39,7 +39,8 @@ class Scenario:
             counts = np.bincount(self.victim_classes(pool), minlength=self.num_classes)
             return round(float(counts.max() / counts.sum() * 100), 1)
 
-        return {"config": self.config, "victim_test_accuracy": round(self.victim_accuracy, 2),
+        return {"config": self.config, "config_hash": self.config_hash,
+                "victim_test_accuracy": round(self.victim_accuracy, 2),
                 "proxy_pool": len(self.pools["proxy"].classes),
                 "natural_pool": len(self.pools["natural"].classes),
                 "victim_majority_class_share": {p: majority(p) for p in self.pools},
@@ -64,17 +65,9 @@ def natural_pool(size: int, channels: int) -> np.ndarray:
     labels stay unknown to the attack), upscaled into the box MNIST digits fill and centred
     in the frame, as an attacker formats images for the API (full-frame digits look like
     one class to the victim: measured 71% of them, against 28% framed). uint8 N x H x W x C."""
-    import torch.nn.functional as F
+    from aspkd_ray.datasets.sources import frame_like_mnist, sklearn_digits
 
-    from aspkd_ray.datasets import to_tensor
-    from aspkd_ray.datasets.sources import sklearn_digits
-
-    images, _ = sklearn_digits()
-    inner = round(size * MNIST_BOX)
-    x = to_tensor(images, inner, channels)
-    before = (size - inner) // 2
-    x = F.pad(x, (before, size - inner - before, before, size - inner - before))
-    return (x.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
+    return frame_like_mnist(sklearn_digits()[0], size, channels)
 
 
 def prepare_scenario(config: str, overrides: list[str]) -> Scenario:
@@ -88,6 +81,7 @@ def prepare_scenario(config: str, overrides: list[str]) -> Scenario:
     from aspkd_ray.pool import open_pool
 
     base = load(config, overrides)
+    settings_hash = config_hash(to_dict(base))[:12]
     ensure_victim(base)
     # Pin the victim and the proxy set: every cell (any seed or method) uses these two.
     pinned = (f"proxy.dir={proxy_cache_dir(base)}",
@@ -118,4 +112,5 @@ def prepare_scenario(config: str, overrides: list[str]) -> Scenario:
                     overrides=(*overrides, *pinned), num_classes=num_classes, pools=pools,
                     answers=answers, x_test=to_tensor(test.images, size, chans),
                     victim_test=victim_test,
-                    victim_accuracy=float((victim_test == test.labels).mean() * 100))
+                    victim_accuracy=float((victim_test == test.labels).mean() * 100),
+                    config_hash=settings_hash)
