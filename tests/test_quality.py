@@ -142,3 +142,15 @@ def test_extra_seeds_add_each_cell_once():
     assert len(keys) == len(set(keys)) == 6  # 2 methods at budget 1 + prompt_only, 2 seeds
     assert {c.calls_per_class for c in cells} == {1, None}
     assert extra_cells(rows, ["s"], ["aspkd"], (1,), (0, 1, 2), ()) == []
+
+
+def test_rows_of_a_changed_scenario_config_are_refused(tmp_path):
+    from aspkd_ray.errors import UserError
+    from aspkd_ray.quality.runner import Results
+
+    results = Results(tmp_path / "quality.json", {"overrides": []},
+                      {"s": {"config_hash": "aaa"}}, [{"scenario": "s"}])
+    results.check_scenario("s", "aaa")   # the same config: rows continue
+    results.check_scenario("t", "bbb")   # another scenario: nothing to mix with
+    with pytest.raises(UserError, match="s rows made with another config.*--fresh"):
+        results.check_scenario("s", "bbb")

@@ -209,3 +209,76 @@ def test_proxy_frame_centres_the_image_on_black():
     inside = np.zeros((28, 28), bool)
     inside[4:24, 4:24] = True
     assert (framed[0, ~inside] == 0).all()
+
+
+def _same(a, b) -> bool:
+    return (a.neighbours.shape == b.neighbours.shape and np.array_equal(a.kept, b.kept)
+            and np.array_equal(a.classes, b.classes) and np.allclose(a.labels, b.labels))
+
+
+@pytest.mark.parametrize("mode", ["soft", "hard"])
+def test_adaptive_rule_is_confident_while_scarce_and_the_papers_after(mode):
+    inp, _ = _input(mode)  # 3 bought images a class, k = 5: scarce
+    adaptive, confident, paper = (get_pseudo_label_rule(n) for n in
+                                  ("adaptive", "confident", "paper"))
+    assert _same(adaptive(inp), confident(inp)) and not _same(adaptive(inp), paper(inp))
+    plenty = dataclasses.replace(inp, settings=dataclasses.replace(
+        inp.settings, k=3, pl_min_confidence=1.0))  # 3 a class: enough; confident would drop
+    assert _same(adaptive(plenty), paper(plenty)) and not _same(adaptive(plenty),
+                                                                  confident(plenty))
+
+
+def test_variant_paper_restores_algorithm_1_over_any_config():
+    from aspkd_ray.config import ConfigError, from_dict, load
+    from aspkd_ray.config.variants import get_variant
+
+    tuned = {"student": {"pretrain": "proxy_prompts"},
+             "aspkd": {"prior_correction": True, "pseudo_labels": "confident", "k": 3},
+             "proxy": {"frame": 0.7}, "training": {"ema": 0.99}}
+    cfg = from_dict(tuned, ["aspkd.variant=paper"])
+    for key, value in get_variant("paper"):
+        section, name = key.split(".")
+        assert getattr(getattr(cfg, section), name) == value, key
+    # --set goes above the variant: a deliberate change to one part of it
+    assert from_dict(tuned, ["aspkd.variant=paper", "aspkd.k=3"]).aspkd.k == 3
+    # a file that names the variant and contradicts it says which key
+    with pytest.raises(ConfigError, match="aspkd.pseudo_labels"):
+        from_dict({"aspkd": {"variant": "paper", "pseudo_labels": "confident"}})
+    with pytest.raises(ConfigError, match="aspkd.variant: got 'papr'"):
+        load("digits", ["aspkd.variant=papr"])
+    assert load("digits").aspkd.variant is None  # no preset unless asked for
+
+
+def test_sklearn_digits_is_a_new_pairing_sharing_the_mnist_generator():
+    from aspkd_ray.config import load
+    from aspkd_ray.datasets import load_generator_data, load_victim_data
+    from aspkd_ray.generation.train_ddpm import generator_location
+    from aspkd_ray.jobs.demo import proxy_cache_dir
+    from aspkd_ray.layout import victim_location
+
+    train, test = (load_victim_data("sklearn-digits", s) for s in ("train", "test"))
+    assert len(train) + len(test) == 1797 and 0.3 < len(test) / 1797 < 0.37
+    assert set(np.bincount(test.labels)) <= set(range(55, 65))
+    assert train.images.shape[1:] == (28, 28, 1) and train.images[:, :3].max() == 0
+    # disjoint splits: no test image is also a victim training image
+    seen = {img.tobytes() for img in train.images}
+    assert sum(img.tobytes() in seen for img in test.images) < 5  # (sklearn has duplicates)
+    held, digits = load("sklearn-digits"), load("digits")
+    gen = load_generator_data("sklearn-digits")
+    assert np.array_equal(gen.images, load_generator_data("digits").images)
+    assert generator_location(held) == generator_location(digits)
+    assert proxy_cache_dir(held) == proxy_cache_dir(digits)
+    assert victim_location(held) != victim_location(digits)
+
+
+@pytest.mark.parametrize("scenario", ["digits", "digits-xdomain", "sklearn-digits"])
+def test_every_variant_loads_on_every_embedded_scenario_and_sets_its_keys(scenario):
+    from aspkd_ray.config import load, to_dict
+    from aspkd_ray.config.variants import get_variant, list_variants
+
+    assert {"paper", "aspkd_ray"} <= set(list_variants())
+    for name in list_variants():
+        flat = to_dict(load(scenario, [f"aspkd.variant={name}"]))
+        for key, value in get_variant(name):
+            section, field = key.split(".")
+            assert flat[section][field] == value, (name, key)
