@@ -282,3 +282,38 @@ def test_every_variant_loads_on_every_embedded_scenario_and_sets_its_keys(scenar
         for key, value in get_variant(name):
             section, field = key.split(".")
             assert flat[section][field] == value, (name, key)
+
+
+def test_teacher_prior_quotas_steer_calls_to_rare_teacher_classes():
+    from aspkd_ray.aspkd.selection import _class_quotas, random_select, teacher_prior_share
+
+    # the teacher calls every image of generation classes 0-7 "0", and 8, 9 what they are
+    gen = np.repeat(np.arange(10), 4)
+    hard = np.where(gen >= 8, gen, 0)
+    for labels in (hard, np.eye(10, dtype=np.float32)[hard]):
+        share = teacher_prior_share(gen, labels, 10)
+        assert share[8] == share[9] > share[1] and share.max() <= 3.0
+    quotas = _class_quotas(np.full(10, 50), 40, np.random.default_rng(0), share)
+    assert quotas.sum() == 40 and quotas[8] > quotas[1] and quotas[9] > quotas[2]
+    # a class with few candidates gives what it has; the rest goes elsewhere
+    small = _class_quotas(np.array([50] * 8 + [2, 2]), 40, np.random.default_rng(0), share)
+    assert small.sum() == 40 and small[8] == small[9] == 2
+    assert teacher_prior_share(gen[:0], hard[:0], 10) is None  # round 1: equal quotas
+    # with no share the paper's equal quotas are drawn exactly as before
+    a = random_select(np.repeat(np.arange(10), 20), 30, 10, rng=np.random.default_rng(3))
+    b = random_select(np.repeat(np.arange(10), 20), 30, 10, rng=np.random.default_rng(3),
+                      class_share=None)
+    assert np.array_equal(a.indices, b.indices) and (a.per_class == 3).all()
+
+
+def test_the_round_loop_passes_teacher_prior_quotas_only_when_asked():
+    from types import SimpleNamespace
+
+    from aspkd_ray.aspkd.rounds import _class_share
+
+    state = SimpleNamespace(bought_idx=np.arange(20), bought_labels=np.zeros(20, np.int64))
+    classes = np.repeat(np.arange(10), 2)
+    for quotas, expect_none in (("equal", True), ("teacher_prior", False)):
+        s = SimpleNamespace(aspkd=dataclasses.replace(ASPKDConfig(), quotas=quotas),
+                            num_classes=10)
+        assert (_class_share(s, classes, state) is None) == expect_none

@@ -30,7 +30,7 @@ from torch import nn
 from aspkd_ray.aspkd.distill import FitResult, accuracy, embed, fit, predict_logits
 from aspkd_ray.aspkd.prior import class_weights, correct_soft_labels, teacher_prior
 from aspkd_ray.aspkd.pseudo_labels import PseudoLabelInput, get_pseudo_label_rule
-from aspkd_ray.aspkd.selection import SelectionInput, get_selection
+from aspkd_ray.aspkd.selection import SelectionInput, get_selection, teacher_prior_share
 from aspkd_ray.config import ASPKDConfig, Config, TrainingConfig
 
 log = logging.getLogger(__name__)
@@ -270,7 +270,8 @@ def run_rounds(student: nn.Module, pool: Pool, s: RoundSettings,
                 quota=quota, classes=pool.classes, candidates=unlabelled,
                 num_classes=s.num_classes, rng=rng, latents=latents,
                 predicted=lambda: pool.predict(student), settings=s.aspkd,
-                probabilities=lambda: pool.predict_proba(student)))
+                probabilities=lambda: pool.predict_proba(student),
+                class_share=_class_share(s, pool.classes, state)))
             if latents.value is not None:
                 latents_mb = round(latents.value.nbytes / 2**20, 2)
             del latents
@@ -333,3 +334,10 @@ def run_rounds(student: nn.Module, pool: Pool, s: RoundSettings,
         if on_round:
             on_round(state, student)
     return state
+
+
+def _class_share(s, classes: np.ndarray, state) -> np.ndarray | None:
+    """Quota weights from the teacher's answers so far (aspkd.quotas: teacher_prior)."""
+    if s.aspkd.quotas != "teacher_prior" or state.bought_labels is None:
+        return None
+    return teacher_prior_share(classes[state.bought_idx], state.bought_labels, s.num_classes)

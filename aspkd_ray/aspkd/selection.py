@@ -60,6 +60,7 @@ def active_select(
     sigma_mode: str = "absolute",
     rng: np.random.Generator,
     candidates: np.ndarray | None = None,
+    class_share: np.ndarray | None = None,
 ) -> SelectionResult:
     """Pick `n_select` candidates, the same number per class, each ∝ exp(-Δ_i / (2σ²)).
 
@@ -75,6 +76,8 @@ def active_select(
     rng:         the only source of randomness (quota remainders and the draw).
     candidates:  the still-unlabelled pool X'': a (N,) bool mask or an array of row indices.
                  Default: every row. Centroids are computed from the candidates only.
+    class_share: (C,) per-class weights of the quotas (`teacher_prior_share`); None = the
+                 paper's equal quotas.
 
     Raises ValueError on malformed input or when n_select exceeds the number of candidates.
     """
@@ -103,7 +106,8 @@ def active_select(
 
     # log p_i = -Δ_i / (2σ²). Sampling uses the logs (Gumbel keys), so no weight can underflow.
     log_p = -delta / (2.0 * sigma**2)
-    indices = _draw_per_class(pool, cand_classes, log_p, n_select, num_classes, rng)
+    indices = _draw_per_class(pool, cand_classes, log_p, n_select, num_classes, rng,
+                              class_share)
 
     # Reported weights: p_i / max_{j in class} p_j, stable since the exponent is then <= 0.
     class_max = np.full(num_classes, -np.inf)
@@ -125,6 +129,7 @@ def random_select(
     *,
     rng: np.random.Generator,
     candidates: np.ndarray | None = None,
+    class_share: np.ndarray | None = None,
 ) -> SelectionResult:
     """The vanilla (Knockoff-style) baseline: the same per-class quotas, uniform inside a class.
 
@@ -143,7 +148,8 @@ def random_select(
     _check_n_select(n_select, pool.size)
 
     cand_classes = classes[pool]
-    indices = _draw_per_class(pool, cand_classes, np.zeros(pool.size), n_select, num_classes, rng)
+    indices = _draw_per_class(pool, cand_classes, np.zeros(pool.size), n_select, num_classes,
+                              rng, class_share)
     weights = np.zeros(n_rows, dtype=np.float64)
     weights[pool] = 1.0
     return SelectionResult(
@@ -171,6 +177,8 @@ class SelectionInput:
     settings: object                   # the aspkd config section (sigma, centroids, ...)
     # (N, C) the student's class probabilities for every pool image, computed on demand
     probabilities: Callable[[], np.ndarray] | None = None
+    # (C,) weights of the per-class quotas (aspkd.quotas: teacher_prior); None = equal
+    class_share: np.ndarray | None = None
 
 
 Strategy = Callable[[SelectionInput], SelectionResult]
@@ -187,38 +195,91 @@ def _paper(inp: SelectionInput) -> SelectionResult:
     a = inp.settings
     groups = inp.predicted() if a.centroids == "predicted" else inp.classes
     return active_select(inp.latents(), groups, inp.quota, inp.num_classes, sigma=a.sigma,
-                         sigma_mode=a.sigma_mode, rng=inp.rng, candidates=inp.candidates)
+                         sigma_mode=a.sigma_mode, rng=inp.rng, candidates=inp.candidates,
+                         class_share=inp.class_share)
 
 
 @register_selection("random")
 def _random(inp: SelectionInput) -> SelectionResult:
     """Knockoff-style: the same per-class quotas, uniform inside a class (no latents)."""
     return random_select(inp.classes, inp.quota, inp.num_classes, rng=inp.rng,
-                         candidates=inp.candidates)
+                         candidates=inp.candidates, class_share=inp.class_share)
 
 
 # --- shared by both samplers ---------------------------------------------------------------
 
 
-def _class_quotas(available: np.ndarray, n_select: int, rng: np.random.Generator) -> np.ndarray:
-    """How many images to take from each class: equal shares, capped by what a class has.
+def _class_quotas(available: np.ndarray, n_select: int, rng: np.random.Generator,
+                  share: np.ndarray | None = None) -> np.ndarray:
+    """How many images to take from each class: equal shares (or ∝ `share`), capped by what
+    a class has.
 
-    Water-filling: share what is left equally among the classes that still have candidates;
-    the remainder of the division goes to classes drawn at random (so low class ids are not
-    favoured); cap each class at its candidates; repeat with the shortfall. With every class
-    large enough this is n_select // |C| each plus 1 for n_select % |C| random classes.
-    Needs available.sum() >= n_select (checked by the callers).
+    Water-filling: share what is left among the classes that still have candidates; the
+    remainder of the division goes to classes drawn at random (so low class ids are not
+    favoured; ∝ share when given); cap each class at its candidates; repeat with the
+    shortfall. With every class large enough and no share this is n_select // |C| each plus
+    1 for n_select % |C| random classes. Needs available.sum() >= n_select (checked by the
+    callers).
     """
+    if share is not None:
+        return _weighted_quotas(available, n_select, rng, np.asarray(share, np.float64))
     quotas = np.zeros_like(available)
     left = n_select
     while left > 0:
         open_classes = np.flatnonzero(quotas < available)
-        share, extra = divmod(left, open_classes.size)
-        add = np.full(open_classes.size, share, dtype=available.dtype)
+        each, extra = divmod(left, open_classes.size)
+        add = np.full(open_classes.size, each, dtype=available.dtype)
         add[rng.choice(open_classes.size, size=extra, replace=False)] += 1
         quotas[open_classes] = np.minimum(quotas[open_classes] + add, available[open_classes])
         left = n_select - int(quotas.sum())
     return quotas
+
+
+def _weighted_quotas(available: np.ndarray, n_select: int, rng: np.random.Generator,
+                     share: np.ndarray) -> np.ndarray:
+    """`_class_quotas` ∝ share: floors of the exact shares, the remainder drawn ∝ share."""
+    if share.shape != available.shape or not np.isfinite(share).all() or (share < 0).any():
+        raise ValueError(f"class_share: expected {available.size} finite weights >= 0, got "
+                         f"{share!r}.")
+    quotas = np.zeros_like(available)
+    left = n_select
+    while left > 0:
+        open_classes = np.flatnonzero(quotas < available)
+        w = share[open_classes] + 1e-12  # a class of weight 0 still takes a shortfall
+        exact = left * w / w.sum()
+        add = np.floor(exact).astype(available.dtype)
+        extra = left - int(add.sum())
+        if extra:
+            p = exact - add + 1e-12
+            add[rng.choice(open_classes.size, size=extra, replace=False, p=p / p.sum())] += 1
+        quotas[open_classes] = np.minimum(quotas[open_classes] + add, available[open_classes])
+        left = n_select - int(quotas.sum())
+    return quotas
+
+
+def teacher_prior_share(bought_classes: np.ndarray, bought_labels: np.ndarray,
+                        num_classes: int, cap: float = 3.0) -> np.ndarray | None:
+    """Quota weights that steer calls to where the teacher's labels are scarce.
+
+    π is the teacher's class prior on the bought images (Laplace-smoothed). A generation
+    class is worth the mean of 1/π over what the teacher said of its bought images, so
+    classes whose images come back as rare classes get more calls, and a class the teacher
+    mostly calls the common class gets fewer. Weights are at most `cap` × their mean, so no
+    class takes the whole round. None while nothing is bought (the first round: equal).
+    """
+    if len(bought_classes) == 0:
+        return None
+    from aspkd_ray.aspkd.prior import teacher_prior
+
+    labels = np.asarray(bought_labels)
+    probs = labels.astype(np.float64) if labels.ndim == 2 else \
+        np.eye(num_classes)[labels.astype(np.int64)]
+    rarity = probs @ (1.0 / teacher_prior(labels, num_classes))  # E[1/π] of each answer
+    counts = np.bincount(bought_classes, minlength=num_classes)
+    sums = np.bincount(bought_classes, weights=rarity, minlength=num_classes)
+    weight = np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
+    weight = np.where(np.isnan(weight), np.nanmean(weight), weight)
+    return np.minimum(weight / weight.mean(), cap)
 
 
 def _draw_per_class(
@@ -228,6 +289,7 @@ def _draw_per_class(
     n_select: int,
     num_classes: int,
     rng: np.random.Generator,
+    class_share: np.ndarray | None = None,
 ) -> np.ndarray:
     """Per class, draw its quota without replacement with probability ∝ exp(log_weights).
 
@@ -236,7 +298,8 @@ def _draw_per_class(
     log weights means outliers whose w_i would underflow to 0 can still be drawn when a class
     has no other candidates left.
     """
-    quotas = _class_quotas(np.bincount(cand_classes, minlength=num_classes), n_select, rng)
+    quotas = _class_quotas(np.bincount(cand_classes, minlength=num_classes), n_select, rng,
+                           class_share)
     keys = log_weights + rng.gumbel(size=pool.size)
     # Within each class, order candidates by descending key; take the first `quota` of each.
     order = np.lexsort((-keys, cand_classes))

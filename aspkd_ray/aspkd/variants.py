@@ -130,7 +130,7 @@ def _per_class(inp: SelectionInput, pick) -> SelectionResult:
     cand = np.asarray(inp.candidates, dtype=np.int64)
     cand_classes = inp.classes[cand]
     quotas = _class_quotas(np.bincount(cand_classes, minlength=inp.num_classes), inp.quota,
-                           inp.rng)
+                           inp.rng, inp.class_share)
     picks = [pick(cand[cand_classes == c], int(q)) for c, q in enumerate(quotas) if q]
     indices = np.sort(np.concatenate(picks)).astype(np.int64) if picks else \
         np.zeros(0, np.int64)

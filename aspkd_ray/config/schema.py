@@ -80,6 +80,13 @@ class VictimConfig:
                      doc="where a local victim runs, in the teacher service and the "
                          "evaluation oracle: cuda asks Ray for one GPU each; auto = cuda "
                          "when the cluster has a GPU")
+    defence: dict | None = _f(None, doc="an output defence applied by the teacher service "
+                                        "only (the evaluation oracle sees the undefended "
+                                        "victim), e.g. {name: rounding, decimals: 2}: a "
+                                        "registered name (teacher/defences.py: top1, topk, "
+                                        "rounding, gaussian_noise, reverse_sigmoid) and its "
+                                        "parameters; top1 sells hard labels; None = "
+                                        "undefended")
     training: TrainingConfig = field(default_factory=TrainingConfig)
 
 
@@ -159,6 +166,10 @@ class ASPKDConfig:
     selection: str = _f("paper", doc="how a round picks the images to buy: paper (Eq. 2, "
                                      "active selection), random (Knockoff-style), or any "
                                      "registered strategy (aspkd/selection.py)")
+    quotas: str = _f("equal", choices=("equal", "teacher_prior"),
+                     doc="calls per generation class in a round: equal (the paper), or "
+                         "teacher_prior: more where the teacher's labels so far are rare "
+                         "classes, fewer where it answers its common class")
     active: bool | None = _f(None, doc="deprecated: true = selection paper, false = "
                                        "selection random")
     self_paced: bool = _f(True, doc="kNN pseudo-labels on the unlabelled pool")

@@ -72,6 +72,10 @@ _add("aspkd_kbound", Method(("aspkd.selection=paper", "aspkd.self_paced=true",
 _add("aspkd_adaptive", Method(("aspkd.selection=paper", "aspkd.self_paced=true",
                                "aspkd.pseudo_labels=adaptive"), in_grid=False,
                               label="ASPKD, adaptive pseudo-labels"))
+_add("aspkd_adaptive_prior", Method(("aspkd.selection=paper", "aspkd.self_paced=true",
+                                     "aspkd.pseudo_labels=adaptive",
+                                     "aspkd.quotas=teacher_prior"), in_grid=False,
+                                    label="ASPKD, adaptive, teacher-prior quotas"))
 _add("aspkd_kcenter", Method(("aspkd.selection=kcenter", "aspkd.self_paced=true"),
                              in_grid=False, label="ASPKD, k-center picks"))
 _add("aspkd_ema", Method(("aspkd.selection=paper", "aspkd.self_paced=true",
@@ -93,6 +97,7 @@ COMPARISONS = (("aspkd", "vanilla"), ("active", "vanilla"), ("self_paced", "vani
                ("aspkd_kbound", "vanilla"), ("aspkd_ema", "aspkd"),
                ("aspkd_adaptive", "aspkd"), ("aspkd_adaptive", "vanilla"),
                ("aspkd_adaptive", "prompt_only"), ("aspkd_adaptive", "aspkd_plain"),
+               ("aspkd_adaptive_prior", "aspkd_adaptive"),
                ("prompt_only_ema", "prompt_only"))
 
 
