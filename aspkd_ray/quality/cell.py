@@ -54,6 +54,7 @@ class Meter:
     def __init__(self, answers: np.ndarray, budget: int, output: str) -> None:
         self.answers, self.budget = answers, budget
         self.state = LedgerState(output=output)
+        self.queries: list[int] = []  # pool rows as first bought, in order
 
     def __call__(self, idx: np.ndarray, split: str = "train") -> np.ndarray:
         if split != "train":
@@ -69,6 +70,7 @@ class Meter:
         n = len(plan.granted)
         self.state.apply_reserve(plan.granted, [0] * n, [""] * n,
                                  [i in plan.new_charges for i in plan.granted])
+        self.queries += [int(i) for i in plan.granted if i in plan.new_charges]
         return self.answers[idx]
 
     @property
@@ -132,7 +134,7 @@ def run_cell(scn: Scenario, cell: Cell, init: InitState | None = None) -> dict:
         init = init or init_step(scn, cell.seed)
         student.load_state_dict(init.weights)
         state = AttackState(pretrain=init.info, torch_rng=init.torch_rng)
-    meter = Meter(scn.answers[method.pool, s.output], budget, s.output)
+    meter = Meter((scn.served or scn.answers)[method.pool, s.output], budget, s.output)
     by_round = []
     state = run_rounds(student, pool, s, meter, state=state,
                        on_round=lambda st, model: by_round.append(_test_agreement(scn, model)))
@@ -147,7 +149,8 @@ def run_cell(scn: Scenario, cell: Cell, init: InitState | None = None) -> dict:
             "pseudo_label_agreement": pseudo[-1] if pseudo else None,
             "pseudo_label_agreement_by_round": pseudo,
             "filter_rate": last.get("filter_rate"), "rounds": len(by_round),
-            "wall_s": round(time.time() - t0, 1)}
+            "wall_s": round(time.time() - t0, 1),
+            **({"queries": meter.queries} if scn.record_queries else {})}
 
 
 def _test_agreement(scn: Scenario, model: torch.nn.Module) -> float:

@@ -146,11 +146,12 @@ def run_cells(scenarios: dict, cells: list[Cell], results: Results, cpus: float)
     for c in todo:
         scn_ref = scenarios[c.scenario]["ref"]
         init = None
-        if needs_init(cell_config(scenarios[c.scenario]["scenario"], c)):
-            if (c.scenario, c.seed) not in inits:
-                inits[c.scenario, c.seed] = tasks.init_task.options(num_cpus=cpus).remote(
-                    scn_ref, c.seed)
-            init = inits[c.scenario, c.seed]
+        scn = scenarios[c.scenario]["scenario"]
+        if needs_init(cell_config(scn, c)):
+            group = (scn.init_as or c.scenario, c.seed)
+            if group not in inits:
+                inits[group] = tasks.init_task.options(num_cpus=cpus).remote(scn_ref, c.seed)
+            init = inits[group]
         pending[tasks.cell_task.options(num_cpus=cpus).remote(scn_ref, c, init)] = c
     failed, n, t0 = [], len(pending), time.time()
     while pending:

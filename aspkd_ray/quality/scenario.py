@@ -29,6 +29,11 @@ class Scenario:
     victim_test: np.ndarray      # the victim's class for each test image
     victim_accuracy: float       # the victim's own test accuracy (%)
     config_hash: str = ""        # of the scenario's config before pinning (rows must match)
+    # What a cell's teacher sells, where it differs from the victim's answers (an audit's
+    # defended teacher); `answers` stay the truth the report measures against.
+    served: dict[tuple[str, str], np.ndarray] | None = None
+    init_as: str = ""            # share the init step of this scenario (same pool and config)
+    record_queries: bool = False  # rows list the pool rows bought, in order (for PRADA)
 
     def cell_config(self, overrides: list[str] | tuple[str, ...]) -> Config:
         return load(self.config, [*self.overrides, *overrides])
