@@ -113,10 +113,12 @@ class RoundSettings:
     def from_config(cls, cfg: Config, num_classes: int, budget: int) -> RoundSettings:
         from aspkd_ray.config import num_rounds
         from aspkd_ray.layout import horizontal_flip
+        from aspkd_ray.teacher.defences import served_output
 
+        # what the teacher sells: class ids under a label-only defence (top1)
         return cls(aspkd=cfg.aspkd, training=cfg.training, num_classes=num_classes,
                    budget=budget, rounds=num_rounds(cfg, num_classes),
-                   output=cfg.victim.output, flip=horizontal_flip(cfg), seed=cfg.seed,
+                   output=served_output(cfg), flip=horizontal_flip(cfg), seed=cfg.seed,
                    pretrain=cfg.student.pretrain == "proxy_prompts")
 
     @property

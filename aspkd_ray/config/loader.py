@@ -94,6 +94,10 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         if value is None:
             return None
         raise ConfigError(f"{key}: got {value!r}; expected null.")
+    if tp is dict:  # a free-form mapping (victim.defence); its owner checks the content
+        if isinstance(value, dict):
+            return dict(value)
+        raise ConfigError(f"{key}: got {value!r}; expected a mapping, e.g. {{name: ...}}.")
     raise ConfigError(f"{key}: unsupported type {tp!r}")  # schema bug, not user error
 
 
@@ -228,6 +232,7 @@ def _deprecated_aliases(cfg: Config) -> Config:
 
 def _cross_validate(cfg: Config) -> None:
     from aspkd_ray.generation.registry import get_generator
+    from aspkd_ray.teacher.defences import configured_defence
     from aspkd_ray.teacher.http_victim import get_protocol
 
     _check_architectures(cfg)
@@ -247,6 +252,7 @@ def _cross_validate(cfg: Config) -> None:
     if cfg.victim.endpoint:
         _check_endpoint_url(cfg.victim.endpoint)
     get_protocol(cfg.victim.protocol).validate(cfg)
+    configured_defence(cfg)  # victim.defence: a registered name, its parameters in range
     if cfg.training.early_stopping == "bought_val" and cfg.training.bought_val_per_class < 1:
         raise ConfigError("training.bought_val_per_class: got 0 with early_stopping="
                           "bought_val; expected >= 1 (these calls are charged to the budget).")

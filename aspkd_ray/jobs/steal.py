@@ -24,6 +24,7 @@ from aspkd_ray.config import ASPKDConfig, Config, ConfigError, to_dict, total_bu
 from aspkd_ray.datasets import get_spec
 from aspkd_ray.errors import UserError
 from aspkd_ray.layout import input_shape, run_layout, victim_location
+from aspkd_ray.teacher.defences import served_output
 from aspkd_ray.victim.train import VictimMissing, victim_ready
 
 log = logging.getLogger(__name__)
@@ -168,7 +169,7 @@ def check_ledger(cfg: Config, uri: str, budget: int, num_classes: int,
         meta = read_meta(uri)
         if meta is None:
             return  # a new ledger: the teacher service creates it
-        check_meta(uri, meta, budget=budget, output=cfg.victim.output,
+        check_meta(uri, meta, budget=budget, output=served_output(cfg),
                    num_classes=num_classes)
         if replay:
             Ledger(uri, create=False).close()  # replays (and checks) every segment
@@ -384,7 +385,7 @@ def build_summary(cfg: Config, ev, n: int, num_classes: int, calls_used: int,
         "pseudo_label_filter_rate_by_round": filter_rates,
         "pseudo_label_agreement": pseudo[-1] if pseudo else None,
         "pseudo_label_agreement_by_round": pseudo,
-        "victim_output": cfg.victim.output,
+        "victim_output": served_output(cfg),
         "pool_mode": pool_mode,
         "student_pretrain": cfg.student.pretrain,
         "pretrain": ev.state.pretrain if ev.state else None,

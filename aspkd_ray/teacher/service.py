@@ -37,6 +37,7 @@ from aspkd_ray.errors import UserError
 from aspkd_ray.teacher import errors
 from aspkd_ray.teacher.budget import plan_request
 from aspkd_ray.teacher.checks import check_answer, check_request
+from aspkd_ray.teacher.defences import defend, describe_defence, served_output
 from aspkd_ray.teacher.errors import BudgetExhausted, LeaseLost, LedgerMismatch, VictimError
 from aspkd_ray.teacher.lease import Lease, describe_holder
 from aspkd_ray.teacher.ledger import Ledger, normalize_uri, read_meta
@@ -70,7 +71,7 @@ class TeacherService:
         try:
             # Never create the ledger here: the driver did. A restarted service that finds
             # none (a local folder on a node that is gone) must not start again from 0 spent.
-            self.ledger = Ledger(ledger_uri, budget=budget, output=cfg.victim.output,
+            self.ledger = Ledger(ledger_uri, budget=budget, output=served_output(cfg),
                                  num_classes=num_classes, create=False,
                                  writer=_actor_key(), lease_options=_lease_options())
         except FileNotFoundError:
@@ -90,8 +91,11 @@ class TeacherService:
             log.warning("ledger %s was started against victim %s, now %s", self.ledger.uri,
                         self.ledger.meta["victim"], name)
         # `gpus`: what this actor asked Ray for; a GPU it did not ask for is not its to use.
-        self.victim = make_victim(cfg, num_classes,
-                                  device=torch_device(gpus > 0, cfg.victim.device))
+        # victim.defence wraps the victim here only, never in make_victim: the evaluation
+        # oracle builds its victim there and must measure the undefended model.
+        self.victim = defend(make_victim(cfg, num_classes,
+                                         device=torch_device(gpus > 0, cfg.victim.device)),
+                             cfg)
         self.batch_size = cfg.victim.batch_size
         self._buy_lock = threading.Lock()   # one request at a time: the cap stays exact
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="ledger")
@@ -104,7 +108,8 @@ class TeacherService:
                         len(s["reserved_unanswered"]))
 
     def describe(self) -> dict:
-        out = {"budget": self.budget, "output": self.cfg.victim.output,
+        out = {"budget": self.budget, "output": served_output(self.cfg),
+               "defence": describe_defence(self.cfg),
                "num_classes": self.num_classes, "ledger": self.ledger_uri, "pid": os.getpid(),
                "actor_id": _actor_key(), "started": self.started, "refusal": self.refusal}
         if self.ledger is not None:
@@ -458,9 +463,10 @@ def _check_device(cfg: Config, gpus: int, info: dict) -> None:
 
 def _check_running(cfg: Config, info: dict, budget: int, num_classes: int,
                    ledger_uri: str) -> None:
-    asked = {"budget": budget, "output": cfg.victim.output, "num_classes": num_classes,
+    asked = {"budget": budget, "output": served_output(cfg), "num_classes": num_classes,
+             "defence": describe_defence(cfg),
              "ledger": ledger_uri}
-    wrong = {k: (info[k], v) for k, v in asked.items() if info[k] != v}
+    wrong = {k: (info.get(k), v) for k, v in asked.items() if info.get(k) != v}
     if wrong:
         what = "; ".join(f"{k} is {old!r}, asked {new!r}" for k, (old, new) in wrong.items())
         raise LedgerMismatch(
@@ -535,7 +541,7 @@ def _prepare_ledger(cfg: Config, uri: str, budget: int, num_classes: int) -> Non
         from aspkd_ray.teacher.victims import victim_name
 
         victim = victim_name(cfg)
-    ledger = Ledger(uri, budget=budget, output=cfg.victim.output, num_classes=num_classes,
+    ledger = Ledger(uri, budget=budget, output=served_output(cfg), num_classes=num_classes,
                     victim=victim)
     holder = ledger.holder()
     gcs = ray.get_runtime_context().gcs_address
