@@ -20,6 +20,7 @@ COMMANDS = [
     "aspkd_ray.cli.serve",
     "aspkd_ray.cli.steal",
     "aspkd_ray.cli.sweep",
+    "aspkd_ray.cli.audit",
 ]
 
 

@@ -256,6 +256,33 @@ class StorageConfig:
 
 
 @dataclass
+class AuditConfig:
+    """`aspkd audit`: how many calls it takes to copy the victim, with and without defences."""
+
+    calls_per_class: list[int] = _f([1, 4, 16, 64], doc="the budget ladder, calls per class")
+    defences: list[dict] = _f([{"name": "top1"}, {"name": "rounding", "decimals": 1},
+                               {"name": "reverse_sigmoid"}],
+                              doc="each a victim.defence mapping; the audit also runs "
+                                  "undefended")
+    attacks: list[str] = _f(["aspkd", "vanilla"],
+                            doc="quality methods (aspkd_ray/quality/methods.py): aspkd = "
+                                "this config's ASPKD, vanilla = random picks, bought labels "
+                                "only (Knockoff-style)")
+    seeds: list[int] = _f([0], doc="paired seeds per (defence, attack, budget)")
+    max_epochs: int | None = _f(6, min=1, doc="student epochs per fit in the audit (None = "
+                                              "training.max_epochs)")
+    step_size: int | None = _f(2, min=1, doc="its learning-rate step (None = "
+                                             "training.step_size)")
+    levels: list[float] = _f([50.0, 80.0, 90.0],
+                             doc="agreement levels, in %, whose calls the report gives")
+    prada_delta: float = _f(0.9, gt=0.0, max=1.0, doc="PRADA flags a stream when its "
+                                                      "Shapiro-Wilk W falls below this")
+    prada_min_distances: int = _f(50, min=3, doc="PRADA tests once a stream has this many "
+                                                 "distances")
+    cpus_per_trial: float = _f(1.0, gt=0.0, doc="Ray CPUs per attack trial")
+
+
+@dataclass
 class Config:
     seed: int = _f(0, min=0)
     output_dir: str = _f("runs/default")
@@ -272,3 +299,4 @@ class Config:
     ray: RayConfig = field(default_factory=RayConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
