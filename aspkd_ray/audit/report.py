@@ -138,7 +138,7 @@ def write_report(summary: dict, out: Path) -> list[Path]:
 
 
 def _attack_label(name: str) -> str:
-    return {"aspkd": "ASPKD", "vanilla": "random picks (Knockoff-style)"}.get(
+    return {"default": "ASPKD", "vanilla": "random picks (Knockoff-style)"}.get(
         name, get_method(name).label or name)
 
 

@@ -47,7 +47,8 @@ def check_audit(cfg: Config) -> None:
             raise ConfigError(f"audit.attacks[{i}]: got {name!r}; expected one of: "
                               f"{', '.join(budgeted)}.")
     if not a.attacks:
-        raise ConfigError("audit.attacks: got an empty list; expected e.g. [aspkd, vanilla].")
+        raise ConfigError("audit.attacks: got an empty list; expected e.g. [default, "
+                          "vanilla].")
     if any(not 0 < lv <= 100 for lv in a.levels):
         raise ConfigError(f"audit.levels: got {a.levels}; expected percentages in (0, 100].")
 

@@ -264,10 +264,10 @@ class AuditConfig:
                                {"name": "reverse_sigmoid"}],
                               doc="each a victim.defence mapping; the audit also runs "
                                   "undefended")
-    attacks: list[str] = _f(["aspkd", "vanilla"],
-                            doc="quality methods (aspkd_ray/quality/methods.py): aspkd = "
-                                "this config's ASPKD, vanilla = random picks, bought labels "
-                                "only (Knockoff-style)")
+    attacks: list[str] = _f(["default", "vanilla"],
+                            doc="quality methods (aspkd_ray/quality/methods.py): default = "
+                                "this config's ASPKD as it is, vanilla = random picks, "
+                                "bought labels only (Knockoff-style)")
     seeds: list[int] = _f([0], doc="paired seeds per (defence, attack, budget)")
     max_epochs: int | None = _f(6, min=1, doc="student epochs per fit in the audit (None = "
                                               "training.max_epochs)")

@@ -34,9 +34,11 @@ _add("vanilla", Method(("aspkd.selection=random", "aspkd.self_paced=false"),
                        label="vanilla"))
 _add("active", Method(("aspkd.selection=paper", "aspkd.self_paced=false"),
                       label="+active"))
-_add("self_paced", Method(("aspkd.selection=random", "aspkd.self_paced=true"),
+_add("self_paced", Method(("aspkd.selection=random", "aspkd.self_paced=true",
+                           "aspkd.pseudo_labels=paper"),
                           label="+self-paced"))
-_add("aspkd", Method(("aspkd.selection=paper", "aspkd.self_paced=true"),
+_add("aspkd", Method(("aspkd.selection=paper", "aspkd.self_paced=true",
+                      "aspkd.pseudo_labels=paper"),
                      label="ASPKD (both)"))
 # Algorithm 1 alone: default init, raw teacher answers.
 _add("aspkd_plain", Method(("aspkd.variant=paper",), label="Algorithm 1 alone"))
@@ -48,7 +50,11 @@ _add("knockoff", Method(("aspkd.selection=random", "aspkd.self_paced=false", *_P
 _add("vanilla_hard", Method(("aspkd.selection=random", "aspkd.self_paced=false",
                              "victim.output=hard"), label="vanilla, hard labels"))
 _add("aspkd_hard", Method(("aspkd.selection=paper", "aspkd.self_paced=true",
-                           "victim.output=hard"), label="ASPKD, hard labels"))
+                           "aspkd.pseudo_labels=paper", "victim.output=hard"),
+                          label="ASPKD, hard labels"))
+# The scenario's config as it is: this product's method where the config is the shipped
+# one (the audit's ASPKD attack).
+_add("default", Method((), in_grid=False, label="ASPKD as configured"))
 # References that do not depend on the budget.
 _add("prompt_only", Method(("aspkd.baseline=prompt_only",), budgeted=False, label="prompt labels only (no calls)"))
 # The teacher's labels on the whole proxy pool: one round over the same start.
