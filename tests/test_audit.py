@@ -22,7 +22,7 @@ def tiny(tmp_path_factory):
                   "training.batch_size=32", "audit.calls_per_class=[1, 3]",
                   "audit.attacks=[vanilla]", "audit.max_epochs=2", "audit.step_size=1",
                   "audit.defences=[{name: top1}, {name: gaussian_noise, scale: 0.3}]",
-                  "audit.prada_min_distances=10"]
+                  "audit.prada_min_distances=10", "audit.seeds=[0]"]
 
 
 def test_audit_end_to_end(ray_session, tiny):
@@ -32,8 +32,12 @@ def test_audit_end_to_end(ray_session, tiny):
     out = root / "out"
     summary = run_audit("digits", sets, str(out))
     rows = json.loads((out / "trials.json").read_text())["rows"]
-    assert len(rows) == 3 * 2  # (none, top1, noise) x budgets 1 and 3
+    assert len(rows) == 3 * 2 + 1  # (none, top1, noise) x budgets 1 and 3, and no calls
+    assert saved_zero(out) is not None
     for r in rows:
+        if r["method"] == "prompt_only":
+            assert r["calls_used"] == 0 and r["scenario"].endswith("/none")
+            continue
         assert r["calls_used"] == r["budget"] == 10 * r["calls_per_class"]
         assert len(r["queries"]) == r["calls_used"] == len(set(r["queries"]))
         assert r["output"] == ("hard" if "/top1" in r["scenario"] else "soft")
@@ -65,6 +69,10 @@ def test_audit_end_to_end(ray_session, tiny):
     again = run_audit("digits", sets, str(out))
     assert json.loads((out / "trials.json").read_text())["rows"] == rows
     assert again["curves"] == summary["curves"]
+
+
+def saved_zero(out):
+    return json.loads((out / "audit.json").read_text())["zero_calls"]
 
 
 def test_audit_settings_are_checked_before_any_work():

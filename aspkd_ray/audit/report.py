@@ -23,7 +23,7 @@ BENIGN_SEED = 0  # the benign stream's order
 def summarise(cfg: Config, scn: Scenario, scenarios: dict, rows: list[dict], failed: list,
               wall_s: float) -> dict:
     """Everything the report shows, from the trials' rows (JSON-ready)."""
-    from aspkd_ray.audit.runner import defence_label
+    from aspkd_ray.audit.runner import ZERO_CALLS, defence_label
 
     a, n_cls = cfg.audit, scn.num_classes
     curves, prada = [], []
@@ -47,7 +47,13 @@ def summarise(cfg: Config, scn: Scenario, scenarios: dict, rows: list[dict], fai
                                   **_prada(scn, r["queries"], served, a)})
             curves.append({"defence": label, "attack": attack, "points": points,
                            "calls_to": {str(lv): _calls_to(points, lv) for lv in a.levels}})
+    zero = [r["agreement"] for r in rows if r["method"] == ZERO_CALLS and r["seed"] in a.seeds]
+    zero_calls = None
+    if zero:
+        m, sd = mean_std(zero)
+        zero_calls = {"agreement": round(m, 2), "std": round(sd, 2)}
     return {"config": cfg.dataset.name, "scenario": scn.describe(), "audit": _plain(a),
+            "zero_calls": zero_calls,
             "num_classes": n_cls,
             "curves": curves, "utility": _utility(cfg, scn, scenarios),
             "prada": prada, "benign": _benign(scn, a), "failed": [c.key for c in failed],
@@ -157,6 +163,7 @@ def markdown(s: dict) -> str:
              f"better). Seeds: {a['seeds']}. Agreement: % of the victim's real test images "
              f"where the student and the undefended victim agree.", "",
              "## Stealability: agreement (%) against calls per class", "",
+             *_zero_line(s),
              "| defence | attack | " + " | ".join(str(b) for b in budgets) + " |",
              "|---|---|" + "---:|" * len(budgets)]
     for c in s["curves"]:
@@ -206,6 +213,15 @@ def markdown(s: dict) -> str:
     return "\n".join(lines)
 
 
+def _zero_line(s: dict) -> list[str]:
+    z = s.get("zero_calls")
+    if not z:
+        return []
+    return [f"With no call at all, a student trained on the proxy set's prompt labels agrees "
+            f"with the victim on **{z['agreement']:.1f}%** (± {z['std']:.1f}) of its test "
+            f"images: what the generator alone gives away, whatever the defence.", ""]
+
+
 def _point(p: dict | None) -> str:
     if p is None:
         return "–"
@@ -236,13 +252,23 @@ def plot(s: dict, path: Path) -> Path:
         if not c["points"]:
             continue
         x = [p["calls"] for p in c["points"]]
-        y = [p["agreement"] for p in c["points"]]
-        ax.plot(x, y, marker="o", color=colours[defences.index(c["defence"]) % len(colours)],
+        y = np.array([p["agreement"] for p in c["points"]])
+        sd = np.array([p["std"] for p in c["points"]])
+        colour = colours[defences.index(c["defence"]) % len(colours)]
+        if any(p["seeds"] > 1 for p in c["points"]):
+            ax.fill_between(x, y - sd, y + sd, color=colour, alpha=0.08)
+        ax.plot(x, y, marker="o", color=colour,
                 linestyle=styles[attacks.index(c["attack"]) % len(styles)],
                 label=f"{c['defence']}, {_attack_label(c['attack'])}")
     for lv in s["audit"]["levels"]:
         ax.axhline(lv, color="grey", linewidth=0.6, linestyle=":")
+    if s.get("zero_calls"):
+        ax.axhline(s["zero_calls"]["agreement"], color="black", linewidth=1.0,
+                   linestyle="-.", label="no calls (prompt labels only)")
+    ladder = [b * s["num_classes"] for b in s["audit"]["calls_per_class"]]
     ax.set_xscale("log", base=2)
+    ax.set_xticks(ladder, [str(v) for v in ladder])
+    ax.minorticks_off()
     ax.set_xlabel("calls to the victim (total)")
     ax.set_ylabel("agreement with the victim (%)")
     ax.set_ylim(0, 100)

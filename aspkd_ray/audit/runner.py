@@ -24,6 +24,7 @@ from aspkd_ray.quality.cell import Cell
 from aspkd_ray.quality.scenario import Scenario
 
 NONE = "none"  # the undefended victim's label
+ZERO_CALLS = "prompt_only"  # the no-call reference: prompt labels only
 
 
 def check_audit(cfg: Config) -> None:
@@ -64,13 +65,16 @@ def defence_label(spec: dict | None) -> str:
     return f"{bound.name}({args})" if args else bound.name
 
 
+def defended_name(scn: Scenario, spec: dict | None) -> str:
+    return f"{scn.name}/{defence_label(spec)}"
+
+
 def defended_scenario(scn: Scenario, spec: dict | None) -> Scenario:
     """The scenario with the teacher behind a defence: its own name, the base scenario's
     init step, and every trial's query order recorded."""
     from aspkd_ray.teacher.defences import parse_defence, row_keys
 
-    label = defence_label(spec)
-    out = dataclasses.replace(scn, name=f"{scn.name}/{label}", init_as=scn.name,
+    out = dataclasses.replace(scn, name=defended_name(scn, spec), init_as=scn.name,
                               record_queries=True)
     bound = parse_defence(spec)
     if bound is None:
@@ -123,6 +127,8 @@ def run_audit(config: str, overrides: list[str], output_dir: str) -> dict:
         scenarios[d.name] = {"scenario": d, "ref": ray.put(d), "spec": spec}
     cells = [Cell(name, attack, b, seed) for seed in cfg.audit.seeds for name in scenarios
              for attack in cfg.audit.attacks for b in cfg.audit.calls_per_class]
+    # What a thief gets with no call at all: the generator's prompts as labels.
+    cells += [Cell(defended_name(scn, None), ZERO_CALLS, None, seed) for seed in cfg.audit.seeds]
     failed = run_cells(scenarios, cells, results, cfg.audit.cpus_per_trial)
     over = check_budgets(results.rows)
     if over:

@@ -268,7 +268,7 @@ class AuditConfig:
                             doc="quality methods (aspkd_ray/quality/methods.py): default = "
                                 "this config's ASPKD as it is, vanilla = random picks, "
                                 "bought labels only (Knockoff-style)")
-    seeds: list[int] = _f([0], doc="paired seeds per (defence, attack, budget)")
+    seeds: list[int] = _f([0, 1, 2], doc="paired seeds per (defence, attack, budget)")
     max_epochs: int | None = _f(6, min=1, doc="student epochs per fit in the audit (None = "
                                               "training.max_epochs)")
     step_size: int | None = _f(2, min=1, doc="its learning-rate step (None = "
