@@ -152,10 +152,11 @@ def markdown(s: dict) -> str:
     a, info = s["audit"], s["scenario"]
     budgets = a["calls_per_class"]
     lines = [f"# How stealable is the {s['config']} victim", "",
-             f"{s['date']}, {s['machine']}; {s['wall_s'] / 60:.1f} min for "
+             f"Command: `{s.get('command', 'aspkd audit')}` ({s['date']}, {s['machine']}; "
+             f"{s['wall_s'] / 60:.1f} min for "
              f"{sum(len(c['points']) for c in s['curves']) * len(a['seeds'])} trials. "
              f"Victim test accuracy {info['victim_test_accuracy']:.1f}% on "
-             f"{info['test_images']} test images; proxy pool {info['proxy_pool']} images.", "",
+             f"{info['test_images']} test images; proxy pool {info['proxy_pool']} images).", "",
              f"Each trial is one attack by the product's round loop against the victim's "
              f"answers as the teacher service sells them (behind the defence), metered by the "
              f"service's budget rule. Students train {a['max_epochs'] or 'the config'} epochs "

@@ -97,7 +97,7 @@ def trial_overrides(cfg: Config) -> list[str]:
     return out
 
 
-def run_audit(config: str, overrides: list[str], output_dir: str) -> dict:
+def run_audit(config: str, overrides: list[str], output_dir: str, command: str = "") -> dict:
     """Run every trial (resuming from `output_dir/trials.json`), PRADA and the utility cost;
     write audit.md, audit.json and the plots; log them to MLflow. Returns the summary."""
     import ray
@@ -135,6 +135,8 @@ def run_audit(config: str, overrides: list[str], output_dir: str) -> dict:
         raise RuntimeError(f"{len(over)} trials used more calls than their budget: {over[:3]}")
     summary = summarise(cfg, scn, scenarios, results.rows, failed,
                         wall_s=round(time.time() - t0, 1))
+    summary["command"] = command or (f"aspkd audit --config {config} --output-dir "
+                                     f"{output_dir}" + "".join(f" --set {o}" for o in overrides))
     summary["paths"] = [str(p) for p in write_report(summary, out)]
     _log_mlflow(cfg, summary, out)
     return summary

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from aspkd_ray import console
 
@@ -39,7 +40,8 @@ def run(args: argparse.Namespace) -> int:
     with console.stage("audit") as st:
         st.start(f"{n} attack trials: {len(a.defences) + 1} defence settings x "
                  f"{len(a.attacks)} attacks x budgets {a.calls_per_class} calls/class")
-        summary = run_audit(args.config, args.overrides, args.output_dir)
+        summary = run_audit(args.config, args.overrides, args.output_dir,
+                            command="aspkd " + " ".join(sys.argv[1:]))
         st.detail = f"{summary['wall_s'] / 60:.1f} min"
     levels = [str(lv) for lv in a.levels]
     print("\ncalls to reach " + ", ".join(f"{float(lv):g}%" for lv in levels)
