@@ -74,3 +74,18 @@ def s3_root(s3_server) -> str:
     bucket = f"aspkd-{uuid.uuid4().hex[:12]}"
     boto3.client("s3").create_bucket(Bucket=bucket)
     return f"s3://{bucket}/run"
+
+
+@pytest.fixture(scope="session")
+def tiny_digits(tmp_path_factory):
+    """A tiny digits scenario (a plugin generator, 20 proxy images a class, a 2-epoch victim)
+    whose cache the quality and audit tests share: the victim and proxy set are made once."""
+    from test_steal import PLUGIN  # the tests folder is on sys.path (pytest rootdir)
+
+    root = tmp_path_factory.mktemp("tiny-digits")
+    plugin = root / "digits_plugin.py"
+    plugin.write_text(PLUGIN)
+    return root, [f"cache_dir={root / 'cache'}", "generator.kind=plugin",
+                  f"generator.plugin={plugin}:make", "generator.batch_size=50",
+                  "proxy.per_class=20", "victim.training.max_epochs=2",
+                  "training.batch_size=32"]

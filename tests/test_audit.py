@@ -10,17 +10,10 @@ from aspkd_ray.config import ConfigError, load
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    from test_steal import PLUGIN  # the tests folder is on sys.path (pytest rootdir)
-
-    root = tmp_path_factory.mktemp("audit")
-    plugin = root / "digits_plugin.py"
-    plugin.write_text(PLUGIN)
-    return root, [f"cache_dir={root / 'cache'}", "generator.kind=plugin",
-                  f"generator.plugin={plugin}:make", "generator.batch_size=50",
-                  "proxy.per_class=20", "victim.training.max_epochs=2",
-                  "training.batch_size=32", "audit.calls_per_class=[1, 3]",
-                  "audit.attacks=[vanilla]", "audit.max_epochs=2", "audit.step_size=1",
+def tiny(tiny_digits):
+    root, sets = tiny_digits  # its cache is shared with the quality benchmark's test
+    return root, [*sets, "audit.calls_per_class=[1, 3]", "audit.attacks=[vanilla]",
+                  "audit.max_epochs=2", "audit.step_size=1",
                   "audit.defences=[{name: top1}, {name: gaussian_noise, scale: 0.3}]",
                   "audit.prada_min_distances=10", "audit.seeds=[0]"]
 
@@ -29,7 +22,7 @@ def test_audit_end_to_end(ray_session, tiny):
     from aspkd_ray.audit.runner import run_audit
 
     root, sets = tiny
-    out = root / "out"
+    out = root / "audit"
     summary = run_audit("digits", sets, str(out))
     rows = json.loads((out / "trials.json").read_text())["rows"]
     assert len(rows) == 3 * 2 + 1  # (none, top1, noise) x budgets 1 and 3, and no calls

@@ -68,15 +68,8 @@ def test_natural_pool_is_framed_like_mnist():
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    from test_steal import PLUGIN  # the tests folder is on sys.path (pytest rootdir)
-
-    root = tmp_path_factory.mktemp("quality")
-    plugin = root / "digits_plugin.py"
-    plugin.write_text(PLUGIN)
-    sets = [f"cache_dir={root / 'cache'}", "generator.kind=plugin",
-            f"generator.plugin={plugin}:make", "generator.batch_size=50",
-            "proxy.per_class=20", "victim.training.max_epochs=2", "training.batch_size=32"]
+def tiny(tiny_digits):
+    root, sets = tiny_digits
     return root, [a for s in sets for a in ("--set", s)]
 
 
