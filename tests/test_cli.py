@@ -29,6 +29,7 @@ BEHAVIOUR = {
     "steal": "test_steal_refuses_a_budget_larger_than_the_pool",
     "demo": "test_demo_refuses_a_missing_victim_before_making_its_run_folder",
     "sweep": "test_sweep_refuses_an_empty_space",
+    "audit": "test_audit_refuses_an_unknown_defence_before_anything_runs",
 }
 
 
@@ -208,6 +209,14 @@ def test_sweep_refuses_an_empty_space(capsys, tmp_path):
     line = _error_line(capsys, ["sweep", "--sweep", str(sweep), "--output-dir", str(out)],
                        2, "aspkd: config error: ")
     assert "sweep.space: empty" in line
+    assert not out.exists()
+
+
+def test_audit_refuses_an_unknown_defence_before_anything_runs(capsys, tmp_path):
+    out = tmp_path / "out"
+    line = _error_line(capsys, ["audit", "--output-dir", str(out), "--set",
+                                "audit.defences=[{name: blur}]"], 2, "aspkd: config error: ")
+    assert "audit.defences[0].name" in line and "'blur'" in line and "top1" in line
     assert not out.exists()
 
 
