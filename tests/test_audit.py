@@ -1,6 +1,7 @@
 """`aspkd audit` end to end on a tiny digits scenario: trials behind each defence buy within
 their budgets and are sold the defended answers, and the report, JSON, plot and MLflow run
-hold the stealability curve, the calls to each level, the utility cost and PRADA."""
+hold the stealability curve, the calls to each level, the utility cost and PRADA. (Resuming
+is the quality benchmark's: its rows and cells, tested in test_quality.)"""
 
 import json
 
@@ -58,10 +59,6 @@ def test_audit_end_to_end(ray_session, tiny):
     assert run.data.tags["stage"] == "audit"
     assert "agreement.top1.vanilla" in run.data.metrics
 
-    # Resume: every trial is done, so a rerun buys nothing and keeps the rows.
-    again = run_audit("digits", sets, str(out))
-    assert json.loads((out / "trials.json").read_text())["rows"] == rows
-    assert again["curves"] == summary["curves"]
 
 
 def saved_zero(out):

@@ -419,14 +419,31 @@ def _aspkd(args: list[str], tmp: Path, timeout: int = 400) -> tuple[int, str]:
     return rc, out.read_text()
 
 
-@pytest.mark.timeout(400)
 @pytest.mark.parametrize("path, expected", [("/html", "non-JSON"), ("/json-list", "numeric"),
-                                            ("/error", "HTTP 500")],
-                         ids=["non-JSON answer", "malformed predictions", "victim failing"])
+                                            ("/error", "HTTP 500")])
+def test_each_kind_of_bad_answer_is_named(path, expected, bad_victim):
+    """What the victim client says of each broken answer: the text the one-line error
+    carries (the end-to-end path below is the same for every kind)."""
+    import torch
+
+    from aspkd_ray.teacher.errors import InvalidAnswer
+    from aspkd_ray.teacher.http_victim import HttpVictim, HttpVictimError
+
+    victim = HttpVictim(f"{bad_victim}{path}", protocol="mlflow", output="soft",
+                        num_classes=10, max_retries=0)
+    with pytest.raises((InvalidAnswer, HttpVictimError), match=expected):
+        victim.predict(torch.zeros(2, 1, 28, 28))
+
+
+@pytest.mark.timeout(400)
+@pytest.mark.parametrize("path, expected", [("/json-list", "numeric")],
+                         ids=["malformed predictions"])
 def test_a_bad_victim_answer_is_one_line(path, expected, prepared, run_copy, bad_victim,
                                          tmp_path):
     """The first purchase (a bought validation subset, in the driver) meets a broken server:
-    one line, exit 1. Its samples are charged in a ledger of their own, as the budget says."""
+    one line, exit 1. Its samples are charged in a ledger of their own, as the budget says.
+    (Every kind of bad answer takes this path; test_each_kind_of_bad_answer_is_named checks
+    what each one says.)"""
     keep = {k: v for k, v in _snapshot(run_copy).items() if not k.startswith("ledger")}
     rc, log = _aspkd(["-q", "steal", *prepared["args"], "--output-dir", str(run_copy),
                       "--set", f"victim.endpoint={bad_victim}{path}",
