@@ -49,19 +49,16 @@ class GeneratorActor:
 
     def __init__(self, cfg: Config, plan: SamplePlan, proxy_dir: str, image_size: int,
                  channels: int, in_ray: bool = True) -> None:
-        import torch
-
         from aspkd_ray.generation.backends import build_generator
 
         self.node = "local"
-        if in_ray:  # as many threads as CPUs this actor was given (at least one)
+        if in_ray:
             import ray
 
-            ctx = ray.get_runtime_context()
-            cpus = ctx.get_assigned_resources().get("CPU", 0.0)
-            if cpus:
-                torch.set_num_threads(max(1, int(cpus + 0.5)))
-            self.node = ctx.get_node_id()
+            from aspkd_ray.runtime.resources import match_torch_threads
+
+            match_torch_threads()
+            self.node = ray.get_runtime_context().get_node_id()
         self.generate = build_generator(cfg, plan.class_names)
         self.plan, self.batch_size = plan, cfg.generator.batch_size
         self.proxy = store.open_dir(proxy_dir)  # resolved once (an S3 client per actor)

@@ -206,3 +206,16 @@ def _log_if_busy(plan: WorkerPlan, what: str) -> None:
     if fits < plan.num:
         log.info("%s asks for %s; what is free now holds %d: waiting for other work to "
                  "finish", what, _ask(plan), fits)
+
+
+def match_torch_threads() -> float:
+    """In a Ray task or actor: as many torch threads as CPUs Ray gave it (rounded, at least
+    one), since more only contend with the other workers on the node. Returns those CPUs
+    (0 when Ray assigned none, and the thread count is left alone)."""
+    import ray
+    import torch
+
+    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 0.0)
+    if cpus:
+        torch.set_num_threads(max(1, int(cpus + 0.5)))
+    return cpus
