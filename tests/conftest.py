@@ -89,3 +89,16 @@ def tiny_digits(tmp_path_factory):
                   f"generator.plugin={plugin}:make", "generator.batch_size=50",
                   "proxy.per_class=20", "victim.training.max_epochs=2",
                   "training.batch_size=32"]
+
+
+@pytest.fixture(scope="module")
+def victim_ckpt(tmp_path_factory):
+    """A small random-weight digits victim (seed 0): teacher-service, defence and GPU-path
+    tests need answers, not a trained model."""
+    import torch
+
+    from aspkd_ray.models import create_model, save_checkpoint
+
+    torch.manual_seed(0)
+    model = create_model("digits_cnn", num_classes=10, in_chans=1, image_size=28)
+    return str(save_checkpoint(model, tmp_path_factory.mktemp("victim") / "ck"))

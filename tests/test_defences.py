@@ -30,15 +30,6 @@ C = 10
 DEFENCES = ("top1", "topk", "rounding", "gaussian_noise", "reverse_sigmoid")
 
 
-@pytest.fixture(scope="module")
-def victim_ckpt(tmp_path_factory):
-    from aspkd_ray.models import create_model, save_checkpoint
-
-    torch.manual_seed(0)
-    model = create_model("digits_cnn", num_classes=C, in_chans=1, image_size=28)
-    return str(save_checkpoint(model, tmp_path_factory.mktemp("victim") / "ck"))
-
-
 def make_cfg(tmp_path, *overrides):
     return load(None, [f"output_dir={tmp_path}", *overrides], None)
 

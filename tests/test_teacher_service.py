@@ -132,16 +132,6 @@ def fake_victim():
 
 # ---- configs, victims, clients ----------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def victim_ckpt(tmp_path_factory):
-    """A small random-weight digits victim: the budget logic does not need a trained one."""
-    from aspkd_ray.models import create_model, save_checkpoint
-
-    torch.manual_seed(0)
-    model = create_model("digits_cnn", num_classes=C, in_chans=1, image_size=28)
-    return str(save_checkpoint(model, tmp_path_factory.mktemp("victim") / "ck"))
-
-
 def make_cfg(tmp_path, *overrides):
     name = f"teacher-{uuid.uuid4().hex[:8]}"  # one service per test
     return load(None, [f"output_dir={tmp_path}", f"ray.teacher_service={name}",

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from aspkd_ray.aspkd.prior import teacher_prior
 from aspkd_ray.registry import Registry
 
 SIGMA_MODES = ("absolute", "median")
@@ -222,39 +223,39 @@ def _class_quotas(available: np.ndarray, n_select: int, rng: np.random.Generator
     callers).
     """
     if share is not None:
-        return _weighted_quotas(available, n_select, rng, np.asarray(share, np.float64))
+        share = np.asarray(share, np.float64)
+        if share.shape != available.shape or not np.isfinite(share).all() or \
+                (share < 0).any():
+            raise ValueError(f"class_share: expected {available.size} finite weights >= 0, "
+                             f"got {share!r}.")
     quotas = np.zeros_like(available)
     left = n_select
     while left > 0:
         open_classes = np.flatnonzero(quotas < available)
-        each, extra = divmod(left, open_classes.size)
-        add = np.full(open_classes.size, each, dtype=available.dtype)
-        add[rng.choice(open_classes.size, size=extra, replace=False)] += 1
+        add = _split(left, open_classes.size, None if share is None else share[open_classes],
+                     rng).astype(available.dtype)
         quotas[open_classes] = np.minimum(quotas[open_classes] + add, available[open_classes])
         left = n_select - int(quotas.sum())
     return quotas
 
 
-def _weighted_quotas(available: np.ndarray, n_select: int, rng: np.random.Generator,
-                     share: np.ndarray) -> np.ndarray:
-    """`_class_quotas` ∝ share: floors of the exact shares, the remainder drawn ∝ share."""
-    if share.shape != available.shape or not np.isfinite(share).all() or (share < 0).any():
-        raise ValueError(f"class_share: expected {available.size} finite weights >= 0, got "
-                         f"{share!r}.")
-    quotas = np.zeros_like(available)
-    left = n_select
-    while left > 0:
-        open_classes = np.flatnonzero(quotas < available)
-        w = share[open_classes] + 1e-12  # a class of weight 0 still takes a shortfall
-        exact = left * w / w.sum()
-        add = np.floor(exact).astype(available.dtype)
-        extra = left - int(add.sum())
-        if extra:
-            p = exact - add + 1e-12
-            add[rng.choice(open_classes.size, size=extra, replace=False, p=p / p.sum())] += 1
-        quotas[open_classes] = np.minimum(quotas[open_classes] + add, available[open_classes])
-        left = n_select - int(quotas.sum())
-    return quotas
+def _split(n: int, parts: int, weights: np.ndarray | None,
+           rng: np.random.Generator) -> np.ndarray:
+    """n as `parts` integers: equal, or the floors of shares ∝ weights; the remainder one
+    each to parts drawn at random (∝ the fractional shares when weighted)."""
+    if weights is None:
+        each, extra = divmod(n, parts)
+        add = np.full(parts, each, dtype=np.int64)
+        add[rng.choice(parts, size=extra, replace=False)] += 1
+        return add
+    w = weights + 1e-12  # a class of weight 0 still takes a shortfall
+    exact = n * w / w.sum()
+    add = np.floor(exact).astype(np.int64)
+    extra = n - int(add.sum())
+    if extra:
+        p = exact - add + 1e-12
+        add[rng.choice(parts, size=extra, replace=False, p=p / p.sum())] += 1
+    return add
 
 
 def teacher_prior_share(bought_classes: np.ndarray, bought_labels: np.ndarray,
@@ -269,8 +270,6 @@ def teacher_prior_share(bought_classes: np.ndarray, bought_labels: np.ndarray,
     """
     if len(bought_classes) == 0:
         return None
-    from aspkd_ray.aspkd.prior import teacher_prior
-
     labels = np.asarray(bought_labels)
     probs = labels.astype(np.float64) if labels.ndim == 2 else \
         np.eye(num_classes)[labels.astype(np.int64)]

@@ -24,6 +24,7 @@ import numpy as np
 from aspkd_ray.aspkd.pseudo_labels import (
     PseudoLabelInput,
     PseudoLabels,
+    get_pseudo_label_rule,
     knn_pseudo_labels,
     register_pseudo_labels,
 )
@@ -205,8 +206,6 @@ def _adaptive(inp: PseudoLabelInput) -> PseudoLabels:
     """The `confident` rule while fewer than k images per class are bought (the paper's k
     nearest neighbours would then average in other classes), the paper's rule from then
     on."""
-    from aspkd_ray.aspkd.pseudo_labels import get_pseudo_label_rule
-
     if len(inp.reference) < inp.settings.k * inp.num_classes:
         return _confident(inp)
     return get_pseudo_label_rule("paper")(inp)

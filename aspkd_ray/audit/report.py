@@ -4,6 +4,7 @@ audit.json, audit.md and audit.png."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
@@ -52,19 +53,14 @@ def summarise(cfg: Config, scn: Scenario, scenarios: dict, rows: list[dict], fai
     if zero:
         m, sd = mean_std(zero)
         zero_calls = {"agreement": round(m, 2), "std": round(sd, 2)}
-    return {"config": cfg.dataset.name, "scenario": scn.describe(), "audit": _plain(a),
+    return {"config": cfg.dataset.name, "scenario": scn.describe(),
+            "audit": dataclasses.asdict(a),
             "zero_calls": zero_calls,
             "num_classes": n_cls,
             "curves": curves, "utility": _utility(cfg, scn, scenarios),
             "prada": prada, "benign": _benign(scn, a), "failed": [c.key for c in failed],
             "wall_s": wall_s, "date": time.strftime("%Y-%m-%d"),
             "machine": f"{platform.machine()}, {os.cpu_count()} CPUs"}
-
-
-def _plain(a) -> dict:
-    import dataclasses
-
-    return dataclasses.asdict(a)
 
 
 def _served_classes(scn: Scenario) -> np.ndarray:
@@ -106,10 +102,9 @@ def _utility(cfg: Config, scn: Scenario, scenarios: dict) -> list[dict]:
     base = scn.cell_config([])
     test = load_victim_data(base.dataset.name, "test", base.dataset.root,
                             base.dataset.download)
-    soft = base if base.victim.output == "soft" else None
-    if soft is None:  # a hard-label victim: only top1 applies, and it changes nothing
+    if base.victim.output == "hard":  # only top1 applies to class ids, and changes nothing
         return [{"defence": defence_label(e["spec"]), "cost": 0.0} for e in scenarios.values()]
-    probs = EvaluationOracle(soft, scn.num_classes).predict_proba(test.images)
+    probs = EvaluationOracle(base, scn.num_classes).predict_proba(test.images)
     out = []
     for entry in scenarios.values():
         spec = entry["spec"]
